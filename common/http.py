@@ -1,0 +1,76 @@
+"""What every HTTP service mounts: /healthz, /metrics, request metrics, 4xx error bodies."""
+
+import hmac
+import time
+from collections.abc import Awaitable, Callable
+
+from fastapi import FastAPI, Header, HTTPException, Request, status
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from prometheus_client import Counter, Histogram, make_asgi_app
+
+HTTP_REQUESTS = Counter(
+    "http_requests_total", "HTTP requests served", ["service", "method", "route", "status"]
+)
+HTTP_LATENCY = Histogram(
+    "http_request_duration_seconds", "HTTP request latency", ["service", "method", "route"]
+)
+
+HealthCheck = Callable[[], Awaitable[None]]
+
+
+def _field_name(loc: tuple | list) -> str:
+    # ("body", "resources", "gpus") -> "resources.gpus"; query/path keep their name.
+    parts = [str(p) for p in loc]
+    if parts and parts[0] in ("body", "query", "path", "header"):
+        parts = parts[1:]
+    return ".".join(parts) or "body"
+
+
+async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    errors = [
+        {"field": _field_name(e.get("loc", ())), "reason": e.get("msg", "invalid")}
+        for e in exc.errors()
+    ]
+    first = errors[0] if errors else {"field": "body", "reason": "invalid"}
+    return JSONResponse(
+        status_code=status.HTTP_422_UNPROCESSABLE_CONTENT,
+        content={"detail": f"{first['field']}: {first['reason']}", "errors": errors},
+    )
+
+
+def install_common(app: FastAPI, service: str, health: HealthCheck | None = None) -> None:
+    """Adds /healthz, /metrics, per-route metrics and field-naming validation errors."""
+    app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
+    app.mount("/metrics", make_asgi_app())
+
+    @app.get("/healthz", include_in_schema=False)
+    async def healthz() -> JSONResponse:
+        if health is not None:
+            try:
+                await health()
+            except Exception as exc:
+                return JSONResponse({"status": "unhealthy", "reason": str(exc)}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    @app.middleware("http")
+    async def record_metrics(request: Request, call_next):  # type: ignore[no-untyped-def]
+        started = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        path = getattr(route, "path", "unmatched")
+        HTTP_REQUESTS.labels(service, request.method, path, str(response.status_code)).inc()
+        HTTP_LATENCY.labels(service, request.method, path).observe(time.perf_counter() - started)
+        return response
+
+
+def internal_auth_dependency(expected_token: str) -> Callable[[str | None], None]:
+    """A dependency that admits only callers holding the services' internal token."""
+
+    def check(x_internal_token: str | None = Header(default=None)) -> None:
+        if x_internal_token is None or not hmac.compare_digest(
+            x_internal_token.encode(), expected_token.encode()
+        ):
+            raise HTTPException(status.HTTP_401_UNAUTHORIZED, "internal token required")
+
+    return check

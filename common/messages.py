@@ -1,0 +1,98 @@
+"""Message schemas on NATS. Unknown fields are refused so contract drift fails loudly."""
+
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Contract(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class JobSubmitted(Contract):
+    """On jobs.submitted: a wake-up for the scheduler; Postgres holds the job itself."""
+
+    job_id: str
+    attempt: int = 0
+
+
+class TaskInput(Contract):
+    file_id: str
+    path: str
+
+
+class TaskAssignment(Contract):
+    """On tasks.<provider_id>: run this job attempt on these GPUs."""
+
+    kind: Literal["run"] = "run"
+    job_id: str
+    attempt: int
+    image: str
+    command: list[str]
+    env: dict[str, str] = Field(default_factory=dict)
+    gpu_uuids: list[str]
+    inputs: list[TaskInput] = Field(default_factory=list)
+    max_duration_s: int
+
+
+class TaskCancel(Contract):
+    """On tasks.<provider_id>: stop this job attempt if it runs."""
+
+    kind: Literal["cancel"] = "cancel"
+    job_id: str
+    attempt: int
+
+
+class OutputFile(Contract):
+    path: str
+    size: int
+    sha256: str
+
+
+EventType = Literal["accepted", "started", "finished", "rejected"]
+
+
+class JobEvent(Contract):
+    """On events.<provider_id>.<job_id>: a job attempt's lifecycle as the daemon saw it."""
+
+    job_id: str
+    attempt: int
+    provider_id: str
+    type: EventType
+    at: datetime
+    exit_code: int | None = None
+    # For finished: "exited" (the command ran to its end), "timed_out", "cancelled",
+    # or "infrastructure" (the platform or the machine failed, not the user's code).
+    outcome: Literal["exited", "timed_out", "cancelled", "infrastructure"] | None = None
+    reason: str | None = None
+    log_tail: str | None = None
+    outputs: list[OutputFile] = Field(default_factory=list)
+
+
+class LogBatch(Contract):
+    """On logs.<provider_id>.<job_id>: a few log lines, batched to spare NATS."""
+
+    job_id: str
+    attempt: int
+    seq: int
+    lines: list[str]
+
+
+class GpuMetrics(Contract):
+    uuid: str
+    utilization_pct: float | None = None
+    memory_used_mb: int | None = None
+    temperature_c: float | None = None
+    power_w: float | None = None
+    ecc_errors: int | None = None
+
+
+class Heartbeat(Contract):
+    """On heartbeats.<provider_id>, every few seconds."""
+
+    provider_id: str
+    at: datetime
+    draining: bool = False
+    running_jobs: list[str] = Field(default_factory=list)
+    gpus: list[GpuMetrics] = Field(default_factory=list)

@@ -1,0 +1,46 @@
+"""NATS subject and JetStream stream names.
+
+Every subject a provider publishes or consumes carries its provider id, so NATS
+permissions can confine each daemon to its own subjects.
+"""
+
+JOBS_STREAM = "JOBS"
+TASKS_STREAM = "TASKS"
+EVENTS_STREAM = "EVENTS"
+LOGS_STREAM = "LOGS"
+
+JOB_SUBMITTED = "jobs.submitted"
+SCHEDULER_DURABLE = "scheduler"
+SCHEDULER_EVENTS_DURABLE = "scheduler-events"
+
+
+def tasks_subject(provider_id: str) -> str:
+    return f"tasks.{provider_id}"
+
+
+def provider_durable(provider_id: str) -> str:
+    return f"provider-{provider_id}"
+
+
+def event_subject(provider_id: str, job_id: str) -> str:
+    return f"events.{provider_id}.{job_id}"
+
+
+def log_subject(provider_id: str, job_id: str) -> str:
+    return f"logs.{provider_id}.{job_id}"
+
+
+def job_logs_filter(job_id: str) -> str:
+    return f"logs.*.{job_id}"
+
+
+def heartbeat_subject(provider_id: str) -> str:
+    return f"heartbeats.{provider_id}"
+
+
+HEARTBEATS_WILDCARD = "heartbeats.*"
+
+
+def msg_id(job_id: str, attempt: int, kind: str) -> str:
+    """Nats-Msg-Id for JetStream de-duplication of one message per job attempt."""
+    return f"{job_id}:{attempt}:{kind}"

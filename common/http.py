@@ -9,6 +9,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from prometheus_client import Counter, Histogram, make_asgi_app
 
+from common.errors import DomainError
+
 HTTP_REQUESTS = Counter(
     "http_requests_total", "HTTP requests served", ["service", "method", "route", "status"]
 )
@@ -39,9 +41,15 @@ async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResp
     )
 
 
+async def _domain_error(_: Request, exc: DomainError) -> JSONResponse:
+    headers = {"WWW-Authenticate": "Bearer"} if exc.status_code == 401 else None
+    return JSONResponse(status_code=exc.status_code, content=exc.body(), headers=headers)
+
+
 def install_common(app: FastAPI, service: str, health: HealthCheck | None = None) -> None:
-    """Adds /healthz, /metrics, per-route metrics and field-naming validation errors."""
+    """Adds /healthz, /metrics, per-route metrics and 4xx bodies that name the field."""
     app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
+    app.add_exception_handler(DomainError, _domain_error)  # type: ignore[arg-type]
     app.mount("/metrics", make_asgi_app())
 
     @app.get("/healthz", include_in_schema=False)

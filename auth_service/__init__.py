@@ -1,0 +1,1 @@
+"""Users, roles, password hashes, signing keys (JWKS), provider join tokens."""

@@ -1,0 +1,58 @@
+"""Routes for provider daemons, authenticated by their agent credential."""
+
+from fastapi import APIRouter, Depends, Query
+from sqlalchemy.ext.asyncio import async_sessionmaker
+
+from gateway import jobs
+from gateway.api import deps
+from gateway.clients import ServiceClient
+from gateway.schemas import AgentInput, AgentOutputsRequest, AgentOutputsResponse, UploadUrl
+from gateway.security import Agent, current_agent
+from scheduler import job_store
+
+router = APIRouter(prefix="/v1/agent", tags=["agent"])
+
+
+@router.get("/jobs/{job_id}/inputs", response_model=list[AgentInput])
+async def task_inputs(
+    job_id: str,
+    attempt: int = Query(ge=0),
+    agent: Agent = Depends(current_agent),
+    db: async_sessionmaker = Depends(deps.db),
+    storage: ServiceClient = Depends(deps.storage),
+) -> list[AgentInput]:
+    """Short-lived download URLs for the inputs of a task sent to this provider."""
+    job = await jobs.job_for_agent(db, job_id, agent.provider_id, attempt)
+    result = []
+    for item in job.inputs:
+        f = await storage.request("GET", f"/internal/files/{item['file_id']}",
+                                  params={"owner_id": job.owner_id})
+        result.append(AgentInput(file_id=f["file_id"], path=item["path"], size=f["size"],
+                                 download_url=f["download_url"]))
+    return result
+
+
+@router.post("/jobs/{job_id}/outputs", response_model=AgentOutputsResponse)
+async def task_outputs(
+    job_id: str,
+    body: AgentOutputsRequest,
+    agent: Agent = Depends(current_agent),
+    db: async_sessionmaker = Depends(deps.db),
+    storage: ServiceClient = Depends(deps.storage),
+) -> AgentOutputsResponse:
+    """Upload URLs, one object each, for a task's outputs and its full log."""
+    job = await jobs.job_for_agent(db, job_id, agent.provider_id, body.attempt)
+
+    async def put_url(bucket: str, key: str) -> str:
+        signed = await storage.request("POST", "/internal/presign",
+                                       json={"bucket": bucket, "key": key, "method": "PUT"})
+        return signed["url"]
+
+    uploads = [
+        UploadUrl(path=f.path,
+                  upload_url=await put_url("outputs",
+                                           job_store.output_key(job.id, job.attempt, f.path)))
+        for f in body.files
+    ]
+    log_url = await put_url("logs", job_store.log_key(job.id, job.attempt))
+    return AgentOutputsResponse(uploads=uploads, log_upload_url=log_url)

@@ -1,0 +1,32 @@
+from fastapi import APIRouter, Depends, status
+
+from gateway.api import deps
+from gateway.clients import ServiceClient
+from gateway.schemas import FileCreateRequest
+from gateway.security import Principal, require
+from storage_service.schemas import FileOut, FileUpload
+
+router = APIRouter(tags=["files"])
+
+
+@router.post("/v1/files", status_code=status.HTTP_201_CREATED, response_model=FileUpload)
+async def create_file(
+    body: FileCreateRequest,
+    principal: Principal = Depends(require("requester")),
+    storage: ServiceClient = Depends(deps.storage),
+) -> dict:
+    """Registers a file and returns a presigned URL to PUT its bytes to."""
+    return await storage.request(
+        "POST", "/internal/files", json={"owner_id": principal.id, **body.model_dump()}
+    )
+
+
+@router.get("/v1/files/{file_id}", response_model=FileOut)
+async def get_file(
+    file_id: str,
+    principal: Principal = Depends(require("requester")),
+    storage: ServiceClient = Depends(deps.storage),
+) -> dict:
+    return await storage.request(
+        "GET", f"/internal/files/{file_id}", params={"owner_id": principal.id}
+    )

@@ -1,0 +1,112 @@
+from typing import Literal
+
+from fastapi import APIRouter, Depends, Query, Request, status
+from fastapi.responses import PlainTextResponse
+from nats.js import JetStreamContext
+from sqlalchemy.ext.asyncio import async_sessionmaker
+from sse_starlette.sse import EventSourceResponse
+
+from common import subjects
+from common.messages import TaskCancel
+from gateway import jobs
+from gateway.api import deps
+from gateway.clients import ServiceClient
+from gateway.schemas import OutputOut
+from gateway.security import Principal, require
+from scheduler import job_store, states
+from scheduler.schemas import JobOut, JobSpec
+
+router = APIRouter(tags=["jobs"])
+Requester = Depends(require("requester"))
+
+
+def _owner(principal: Principal) -> str | None:
+    """Whose jobs this principal may see: its own, or everyone's for an admin."""
+    return None if "admin" in principal.roles else principal.id
+
+
+@router.post("/v1/jobs", status_code=status.HTTP_202_ACCEPTED, response_model=JobOut)
+async def submit_job(
+    spec: JobSpec,
+    principal: Principal = Requester,
+    db: async_sessionmaker = Depends(deps.db),
+    js: JetStreamContext = Depends(deps.js),
+    storage: ServiceClient = Depends(deps.storage),
+) -> JobOut:
+    return await jobs.submit_job(db, js, storage, principal.id, spec)
+
+
+@router.get("/v1/jobs", response_model=list[JobOut])
+async def list_jobs(
+    status_filter: Literal[states.ALL] | None = Query(default=None, alias="status"),  # type: ignore[valid-type]
+    limit: int = Query(default=100, ge=1, le=1000),
+    principal: Principal = Requester,
+    db: async_sessionmaker = Depends(deps.db),
+) -> list[JobOut]:
+    async with db() as session:
+        rows = await job_store.list_jobs(session, principal.id, status_filter, limit)
+    return [job_store.job_out(j) for j in rows]
+
+
+@router.get("/v1/jobs/{job_id}", response_model=JobOut)
+async def get_job(
+    job_id: str, principal: Principal = Requester, db: async_sessionmaker = Depends(deps.db)
+) -> JobOut:
+    async with db() as session:
+        return job_store.job_out(await job_store.get_job(session, job_id, _owner(principal)))
+
+
+@router.get("/v1/jobs/{job_id}/events")
+async def job_events(
+    job_id: str,
+    request: Request,
+    principal: Principal = Requester,
+    db: async_sessionmaker = Depends(deps.db),
+    js: JetStreamContext = Depends(deps.js),
+) -> EventSourceResponse:
+    """Server-Sent Events: `status` on each state change, `log` per line, then `end`."""
+    async with db() as session:
+        await job_store.get_job(session, job_id, _owner(principal))  # 404 before streaming
+    poll_s = request.app.state.settings.sse_poll_interval_s
+    return EventSourceResponse(
+        jobs.stream_events(db, js, job_id, _owner(principal), poll_s), ping=15
+    )
+
+
+@router.get("/v1/jobs/{job_id}/logs", response_class=PlainTextResponse)
+async def job_logs(
+    job_id: str,
+    principal: Principal = Requester,
+    db: async_sessionmaker = Depends(deps.db),
+    js: JetStreamContext = Depends(deps.js),
+    storage: ServiceClient = Depends(deps.storage),
+) -> str:
+    return await jobs.read_logs(db, js, storage, job_id, _owner(principal))
+
+
+@router.get("/v1/jobs/{job_id}/outputs", response_model=list[OutputOut])
+async def job_outputs(
+    job_id: str,
+    principal: Principal = Requester,
+    db: async_sessionmaker = Depends(deps.db),
+    storage: ServiceClient = Depends(deps.storage),
+) -> list[dict]:
+    return await jobs.output_urls(db, storage, job_id, _owner(principal))
+
+
+@router.post("/v1/jobs/{job_id}/cancel", response_model=JobOut)
+async def cancel_job(
+    job_id: str,
+    principal: Principal = Requester,
+    db: async_sessionmaker = Depends(deps.db),
+    js: JetStreamContext = Depends(deps.js),
+) -> JobOut:
+    async with db.begin() as session:
+        job = await job_store.request_cancel(session, job_id, _owner(principal))
+    if job.provider_id is not None and job.finished_at is None:
+        cancel = TaskCancel(job_id=job.id, attempt=job.attempt)
+        await js.publish(
+            subjects.tasks_subject(job.provider_id), cancel.model_dump_json().encode(),
+            headers={"Nats-Msg-Id": subjects.msg_id(job.id, job.attempt, "cancel")},
+        )
+    return job_store.job_out(job)

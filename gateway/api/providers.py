@@ -1,0 +1,78 @@
+from decimal import Decimal
+
+from fastapi import APIRouter, Depends, Query, Request, status
+
+from auth_service.schemas import JoinTokenOut
+from gateway.api import deps
+from gateway.clients import ServiceClient
+from gateway.schemas import JoinRequest, JoinResponse
+from gateway.security import Principal, current_principal, require
+from provider_registry.schemas import Offer, ProviderOut
+
+router = APIRouter(tags=["providers"])
+
+
+@router.post(
+    "/v1/providers/join-tokens", status_code=status.HTTP_201_CREATED, response_model=JoinTokenOut
+)
+async def create_join_token(
+    principal: Principal = Depends(require("provider")),
+    auth: ServiceClient = Depends(deps.auth),
+) -> dict:
+    """A single-use token for `provider-daemon join --token T` on one machine."""
+    return await auth.request("POST", "/internal/join-tokens", json={"owner_id": principal.id})
+
+
+@router.post("/v1/providers/join", status_code=status.HTTP_201_CREATED,
+             response_model=JoinResponse)
+async def join(
+    body: JoinRequest,
+    request: Request,
+    auth: ServiceClient = Depends(deps.auth),
+    registry: ServiceClient = Depends(deps.registry),
+) -> JoinResponse:
+    """Called by provider-daemon: trades a join token for an identity and a credential.
+
+    The token binds to the machine on first use, so a join retried by the same machine
+    (after a network error) completes instead of failing.
+    """
+    identity = await auth.request(
+        "POST", "/internal/join-tokens/redeem",
+        json={"token": body.token, "machine_id": body.machine_id},
+    )
+    registration = body.model_dump(mode="json", exclude={"token"})
+    await registry.request("POST", "/internal/providers", json={
+        **registration, "provider_id": identity["provider_id"], "owner_id": identity["owner_id"],
+    })
+    settings = request.app.state.settings
+    return JoinResponse(
+        provider_id=identity["provider_id"],
+        credential=identity["credential"],
+        nats_url=settings.public_nats_url or settings.nats_url,
+        heartbeat_interval_s=settings.heartbeat_interval_s,
+    )
+
+
+@router.get("/v1/providers", response_model=list[ProviderOut])
+async def list_providers(
+    principal: Principal = Depends(require("provider")),
+    registry: ServiceClient = Depends(deps.registry),
+) -> list[dict]:
+    """The caller's machines with their GPUs and state (every machine for an admin)."""
+    params = {} if "admin" in principal.roles else {"owner_id": principal.id}
+    return await registry.request("GET", "/internal/providers", params=params)
+
+
+@router.get("/v1/offers", response_model=list[Offer])
+async def list_offers(
+    model: str | None = Query(default=None, max_length=128),
+    min_vram_gb: float | None = Query(default=None, gt=0),
+    max_price: Decimal | None = Query(default=None, gt=0),
+    _: Principal = Depends(current_principal),
+    registry: ServiceClient = Depends(deps.registry),
+) -> list[dict]:
+    """Free GPUs on the market, cheapest first."""
+    params = {k: str(v) for k, v in
+              {"model": model, "min_vram_gb": min_vram_gb, "max_price": max_price}.items()
+              if v is not None}
+    return await registry.request("GET", "/internal/offers", params=params)

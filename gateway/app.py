@@ -1,0 +1,44 @@
+"""ASGI entry point: uvicorn gateway.app:create_app --factory"""
+
+import nats
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+
+from common.service_app import create_service_app
+from common.streams import ensure_streams
+from gateway.api import agent, auth, files, jobs, providers
+from gateway.clients import ServiceClient
+from gateway.security import JwksCache
+from gateway.settings import GatewaySettings
+
+
+def create_app(settings: GatewaySettings | None = None) -> FastAPI:
+    settings = settings or GatewaySettings()
+
+    async def startup(app: FastAPI) -> None:
+        app.state.auth = ServiceClient("auth_service", settings.auth_url, settings.internal_token)
+        app.state.storage = ServiceClient("storage_service", settings.storage_url,
+                                          settings.internal_token)
+        app.state.registry = ServiceClient("provider_registry", settings.registry_url,
+                                           settings.internal_token)
+        app.state.jwks = JwksCache(app.state.auth, settings.jwks_refresh_min_interval_s)
+        app.state.nc = await nats.connect(settings.nats_url, max_reconnect_attempts=-1)
+        app.state.js = app.state.nc.jetstream()
+        await ensure_streams(app.state.js)
+
+    async def shutdown(app: FastAPI) -> None:
+        await app.state.nc.drain()
+        for client in (app.state.auth, app.state.storage, app.state.registry):
+            await client.aclose()
+
+    app = create_service_app(
+        "gateway", settings, startup, shutdown,
+        description="GPU marketplace public API. Authenticate with `Authorization: Bearer`.",
+        version="1",
+    )
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins,
+                           allow_methods=["*"], allow_headers=["*"])
+    for module in (auth, files, jobs, providers, agent):
+        app.include_router(module.router)
+    return app

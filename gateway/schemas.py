@@ -1,0 +1,85 @@
+"""HTTP bodies of the public API that are the gateway's own."""
+
+from datetime import datetime
+from decimal import Decimal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from common.messages import OutputFile
+from provider_registry.schemas import GpuSpec
+from scheduler.schemas import relative_path
+
+
+class FileCreateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    filename: str = Field(min_length=1, max_length=255)
+    size: int = Field(ge=0)
+
+
+class JoinRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    token: str = Field(min_length=1, max_length=256)
+    machine_id: str = Field(min_length=1, max_length=64)
+    name: str = Field(min_length=1, max_length=128)
+    region: str | None = Field(default=None, max_length=64)
+    simulated: bool = False
+    driver_version: str | None = Field(default=None, max_length=64)
+    cuda_version: str | None = Field(default=None, max_length=32)
+    gpus: list[GpuSpec] = Field(min_length=1, max_length=64)
+    prices: dict[str, Decimal] = Field(default_factory=dict)
+
+    @field_validator("prices")
+    @classmethod
+    def _positive_prices(cls, prices: dict[str, Decimal]) -> dict[str, Decimal]:
+        for model, price in prices.items():
+            if price < 0:
+                raise ValueError(f"price for {model!r} must not be negative")
+        return prices
+
+
+class JoinResponse(BaseModel):
+    provider_id: str
+    credential: str
+    nats_url: str
+    heartbeat_interval_s: float
+
+
+class AgentInput(BaseModel):
+    file_id: str
+    path: str
+    size: int
+    download_url: str
+
+
+class AgentOutputsRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    attempt: int = Field(ge=0)
+    files: list[OutputFile] = Field(max_length=10_000)
+
+    @field_validator("files")
+    @classmethod
+    def _relative_paths(cls, files: list[OutputFile]) -> list[OutputFile]:
+        for f in files:
+            relative_path(f.path)
+        return files
+
+
+class UploadUrl(BaseModel):
+    path: str
+    upload_url: str
+
+
+class AgentOutputsResponse(BaseModel):
+    uploads: list[UploadUrl]
+    log_upload_url: str
+
+
+class OutputOut(BaseModel):
+    path: str
+    size: int
+    sha256: str
+    download_url: str
+    expires_at: datetime

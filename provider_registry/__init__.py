@@ -1,0 +1,1 @@
+"""Providers, their GPUs, prices, liveness and latest metrics."""

@@ -1,0 +1,48 @@
+"""/internal routes of provider_registry, called by the gateway."""
+
+from decimal import Decimal
+
+from fastapi import APIRouter, Depends, Request, status
+from sqlalchemy.ext.asyncio import async_sessionmaker
+
+from common import subjects
+from provider_registry import service
+from provider_registry.schemas import Offer, ProviderOut, ProviderRegistration
+
+internal = APIRouter(prefix="/internal")
+
+
+def _db(request: Request) -> async_sessionmaker:
+    return request.app.state.sessionmaker
+
+
+@internal.post("/providers", status_code=status.HTTP_201_CREATED, response_model=ProviderOut)
+async def register_provider(
+    body: ProviderRegistration, request: Request, db=Depends(_db)
+) -> ProviderOut:
+    async with db.begin() as session:
+        provider = await service.register_provider(session, body)
+        out = service.provider_out(provider)
+    await request.app.state.nc.publish(subjects.CAPACITY_CHANGED, b"")
+    return out
+
+
+@internal.get("/providers", response_model=list[ProviderOut])
+async def list_providers(owner_id: str | None = None, db=Depends(_db)) -> list[ProviderOut]:
+    async with db.begin() as session:
+        return await service.list_providers(session, owner_id)
+
+
+@internal.get("/offers", response_model=list[Offer])
+async def list_offers(
+    request: Request,
+    model: str | None = None,
+    min_vram_gb: float | None = None,
+    max_price: Decimal | None = None,
+    db=Depends(_db),
+) -> list[Offer]:
+    async with db.begin() as session:
+        return await service.list_offers(
+            session, model, min_vram_gb, max_price,
+            include_simulated=request.app.state.settings.dev_mode,
+        )

@@ -1,0 +1,33 @@
+"""ASGI entry point: uvicorn provider_registry.app:create_app --factory"""
+
+import asyncio
+
+import nats
+from fastapi import Depends, FastAPI
+
+from common.http import internal_auth_dependency
+from common.service_app import create_service_app
+from provider_registry.api import internal
+from provider_registry.heartbeats import HeartbeatIngest
+from provider_registry.settings import RegistrySettings
+
+
+def create_app(settings: RegistrySettings | None = None) -> FastAPI:
+    settings = settings or RegistrySettings()
+
+    async def startup(app: FastAPI) -> None:
+        app.state.nc = await nats.connect(settings.nats_url, max_reconnect_attempts=-1)
+        app.state.stop = asyncio.Event()
+        ingest = HeartbeatIngest(app.state.nc, app.state.sessionmaker, settings)
+        app.state.ingest_task = asyncio.create_task(ingest.run(app.state.stop))
+
+    async def shutdown(app: FastAPI) -> None:
+        app.state.stop.set()
+        await app.state.ingest_task
+        await app.state.nc.drain()
+
+    app = create_service_app("provider_registry", settings, startup, shutdown)
+    app.include_router(
+        internal, dependencies=[Depends(internal_auth_dependency(settings.internal_token))]
+    )
+    return app

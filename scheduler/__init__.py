@@ -1,0 +1,1 @@
+"""The job store, the job state machine, matching and reservations."""

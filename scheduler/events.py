@@ -1,0 +1,102 @@
+"""Applies the daemons' job events to the job state machine, idempotently.
+
+An event counts only for the job's current attempt on the provider it was sent to; a
+redelivered or stale event changes nothing. Whatever the job's state, a finished
+event frees the attempt's GPUs (a cancelled job keeps them until its container stops).
+"""
+
+import logging
+from dataclasses import dataclass
+
+from sqlalchemy import func
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from common.messages import JobEvent
+from provider_registry import capacity
+from scheduler import states
+from scheduler.models import Job, JobOutput
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Effect:
+    """What the worker must do after the transaction commits."""
+
+    gpus_freed: bool = False
+    requeued: bool = False
+    new_status: str | None = None
+
+
+def _outcome_status(event: JobEvent) -> str:
+    if event.outcome == "timed_out":
+        return states.TIMED_OUT
+    if event.outcome == "cancelled":
+        return states.CANCELLED
+    if event.outcome == "exited" and event.exit_code == 0:
+        return states.SUCCEEDED
+    return states.FAILED
+
+
+async def apply_event(session: AsyncSession, event: JobEvent) -> Effect:
+    effect = Effect()
+    job = await session.get(Job, event.job_id, with_for_update=True)
+    if job is None or job.attempt != event.attempt or job.provider_id != event.provider_id:
+        log.info("stale event ignored", extra={"job_id": event.job_id, "type": event.type})
+        return effect
+
+    if event.type == "started" and job.status == states.ASSIGNED:
+        job.status = states.RUNNING
+        job.started_at = event.at
+        effect.new_status = job.status
+    elif event.type in ("finished", "rejected"):
+        effect.gpus_freed = await capacity.release(session, job.id) > 0
+        if job.finished_at is None or job.status in states.ACTIVE:
+            await _finish(session, job, event, effect)
+    return effect
+
+
+async def _finish(session: AsyncSession, job: Job, event: JobEvent, effect: Effect) -> None:
+    job.exit_code = event.exit_code
+    job.log_tail = event.log_tail
+    if event.outputs:
+        await session.execute(
+            insert(JobOutput)
+            .values([
+                {"job_id": job.id, "attempt": job.attempt, "path": o.path, "size": o.size,
+                 "sha256": o.sha256}
+                for o in event.outputs
+            ])
+            .on_conflict_do_nothing()
+        )
+    if job.status == states.CANCELLED:
+        job.finished_at = event.at
+        return
+    infrastructure = event.type == "rejected" or event.outcome == "infrastructure"
+    if infrastructure and job.attempt < job.retries:
+        # Not the user's fault: run it again elsewhere.
+        job.avoid_providers = [*job.avoid_providers, event.provider_id]
+        job.status = states.QUEUED
+        job.attempt += 1
+        job.provider_id = None
+        job.gpu_uuids = []
+        job.started_at = None
+        job.exit_code = None
+        job.waiting_reason = f"retrying after an infrastructure fault: {event.reason}"
+        effect.requeued = True
+    else:
+        job.status = _outcome_status(event)
+        job.finished_at = event.at if job.started_at else func.now()
+        job.failure_reason = _failure_reason(event, job.status)
+    effect.new_status = job.status
+
+
+def _failure_reason(event: JobEvent, status: str) -> str | None:
+    if status == states.SUCCEEDED:
+        return None
+    if status == states.TIMED_OUT:
+        return "max_duration_s exceeded"
+    if event.outcome == "infrastructure" or event.type == "rejected":
+        return f"infrastructure: {event.reason}"
+    return event.reason or f"command exited with code {event.exit_code}"

@@ -1,0 +1,124 @@
+"""The job store: the only code that writes jobs. The gateway calls it in process.
+
+Functions take the session; the caller owns the transaction.
+"""
+
+import uuid
+
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from common.errors import NotFound
+from scheduler import states
+from scheduler.models import Job, JobOutput
+from scheduler.schemas import JobOut, JobSpec, Resources
+
+
+def output_key(job_id: str, attempt: int, path: str) -> str:
+    return f"{job_id}/{attempt}/{path}"
+
+
+def log_key(job_id: str, attempt: int) -> str:
+    return f"{job_id}/{attempt}.log"
+
+
+async def create_job(session: AsyncSession, owner_id: str, spec: JobSpec) -> Job:
+    job = Job(
+        owner_id=owner_id,
+        status=states.QUEUED,
+        image=spec.image,
+        command=spec.command,
+        env=spec.env,
+        gpus=spec.resources.gpus,
+        gpu_models=spec.resources.gpu_models,
+        min_vram_gb=spec.resources.min_vram_gb,
+        inputs=[i.model_dump() for i in spec.inputs],
+        max_price_per_gpu_hour=spec.max_price_per_gpu_hour,
+        max_duration_s=spec.max_duration_s,
+        priority=spec.priority,
+        retries=spec.retries,
+        attempt=0,
+        gpu_uuids=[],
+        avoid_providers=[],
+    )
+    session.add(job)
+    await session.flush()
+    await session.refresh(job, ["created_at"])
+    return job
+
+
+async def get_job(session: AsyncSession, job_id: str, owner_id: str | None = None) -> Job:
+    """The job; someone else's job is 'not found', so ids can't be probed."""
+    job = await session.get(Job, job_id) if _is_uuid(job_id) else None
+    if job is None or (owner_id is not None and job.owner_id != owner_id):
+        raise NotFound(f"job {job_id} not found")
+    return job
+
+
+async def get_task(session: AsyncSession, job_id: str, provider_id: str, attempt: int) -> Job:
+    """The job, if this attempt was sent to this provider; anything else is 'not found'."""
+    job = await session.get(Job, job_id) if _is_uuid(job_id) else None
+    if job is None or job.provider_id != provider_id or job.attempt != attempt:
+        raise NotFound(f"no task {job_id} attempt {attempt} for this provider")
+    return job
+
+
+async def list_jobs(
+    session: AsyncSession, owner_id: str, status: str | None = None, limit: int = 100
+) -> list[Job]:
+    query = select(Job).where(Job.owner_id == owner_id)
+    if status is not None:
+        query = query.where(Job.status == status)
+    query = query.order_by(Job.created_at.desc()).limit(limit)
+    return list((await session.scalars(query)).all())
+
+
+async def request_cancel(session: AsyncSession, job_id: str, owner_id: str | None) -> Job:
+    """Cancels the job. A queued job ends at once; a running one ends when its daemon
+    confirms the container stopped, which is also when its GPUs are freed."""
+    job = await get_job(session, job_id, owner_id)
+    job = await session.get(Job, job.id, with_for_update=True, populate_existing=True)
+    assert job is not None
+    if job.status in states.TERMINAL:
+        return job
+    job.cancel_requested = True
+    if job.status == states.QUEUED:
+        job.status = states.CANCELLED
+        job.waiting_reason = None
+        job.finished_at = func.now()
+    else:
+        job.status = states.CANCELLED
+    await session.flush()
+    await session.refresh(job)
+    return job
+
+
+async def list_outputs(session: AsyncSession, job: Job) -> list[JobOutput]:
+    query = (
+        select(JobOutput)
+        .where(JobOutput.job_id == job.id, JobOutput.attempt == job.attempt)
+        .order_by(JobOutput.path)
+    )
+    return list((await session.scalars(query)).all())
+
+
+def job_out(job: Job) -> JobOut:
+    return JobOut(
+        id=job.id, status=job.status, waiting_reason=job.waiting_reason, attempt=job.attempt,
+        provider_id=job.provider_id, exit_code=job.exit_code, failure_reason=job.failure_reason,
+        image=job.image, command=job.command,
+        resources=Resources(gpus=job.gpus, gpu_models=job.gpu_models,
+                            min_vram_gb=job.min_vram_gb),
+        max_price_per_gpu_hour=job.max_price_per_gpu_hour,
+        price_per_gpu_hour=job.price_per_gpu_hour, max_duration_s=job.max_duration_s,
+        created_at=job.created_at, assigned_at=job.assigned_at, started_at=job.started_at,
+        finished_at=job.finished_at,
+    )
+
+
+def _is_uuid(value: str) -> bool:
+    try:
+        uuid.UUID(value)
+    except ValueError:
+        return False
+    return True

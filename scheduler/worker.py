@@ -1,0 +1,224 @@
+"""The scheduler process: consumes JOBS and EVENTS, runs placement passes, publishes tasks.
+
+Postgres is the source of truth and JetStream the transport: a jobs.submitted message
+only wakes the placement loop, and every pass reads the queued jobs from Postgres, so a
+job whose message was lost is still placed by the next pass (the sweeper role).
+Several replicas may run at once: job and GPU rows are locked with SKIP LOCKED.
+"""
+
+import asyncio
+import logging
+import signal
+import time
+from collections.abc import Awaitable, Callable
+
+import nats
+import uvicorn
+from fastapi import FastAPI
+from nats.aio.client import Client as NATS
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js import JetStreamContext
+from prometheus_client import Counter, Gauge, Histogram
+from pydantic import ValidationError
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import async_sessionmaker
+
+from common import subjects
+from common.db import check_database, make_engine, make_sessionmaker
+from common.http import install_common
+from common.logging import configure_logging
+from common.messages import JobEvent, TaskAssignment
+from common.streams import ensure_streams
+from scheduler import placement, states
+from scheduler.events import apply_event
+from scheduler.models import Job
+from scheduler.settings import SchedulerSettings
+
+log = logging.getLogger("scheduler")
+
+PLACEMENTS = Counter("scheduler_placements_total", "Jobs assigned to a provider")
+PASS_SECONDS = Histogram("scheduler_placement_pass_seconds", "Duration of a placement pass")
+QUEUE_DEPTH = Gauge("scheduler_queue_depth", "Jobs queued at the last placement pass")
+EVENTS = Counter("scheduler_events_total", "Job events applied", ["type"])
+TRANSITIONS = Counter("scheduler_job_transitions_total", "Job state changes", ["status"])
+
+
+class Scheduler:
+    def __init__(
+        self, settings: SchedulerSettings, nc: NATS, js: JetStreamContext,
+        sessionmaker: async_sessionmaker,
+    ) -> None:
+        self.settings = settings
+        self.nc = nc
+        self.js = js
+        self.sessionmaker = sessionmaker
+        self.wake = asyncio.Event()
+
+    async def placement_loop(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                await asyncio.wait_for(self.wake.wait(), self.settings.placement_interval_s)
+            except TimeoutError:
+                pass
+            self.wake.clear()
+            try:
+                await self.placement_pass()
+            except Exception:
+                log.exception("placement pass failed; retrying")
+                await asyncio.sleep(1)
+
+    async def placement_pass(self) -> None:
+        started = time.perf_counter()
+        async with self.sessionmaker() as session:
+            job_ids = await placement.queued_job_ids(session, self.settings.placement_batch)
+            QUEUE_DEPTH.set(
+                await session.scalar(
+                    select(func.count()).select_from(Job).where(Job.status == states.QUEUED)
+                ) or 0
+            )
+        for job_id in job_ids:
+            async with self.sessionmaker.begin() as session:
+                task = await placement.place_job(session, job_id, self.settings.simulated_allowed)
+            if task is not None:
+                await self._dispatch(task)
+        PASS_SECONDS.observe(time.perf_counter() - started)
+
+    async def _dispatch(self, task: TaskAssignment) -> None:
+        async with self.sessionmaker() as session:
+            job = await session.get(Job, task.job_id)
+            provider_id = job.provider_id if job else None
+        if provider_id is None:
+            return
+        try:
+            await self.js.publish(
+                subjects.tasks_subject(provider_id),
+                task.model_dump_json().encode(),
+                headers={"Nats-Msg-Id": subjects.msg_id(task.job_id, task.attempt, "run")},
+            )
+        except Exception as exc:
+            log.warning("task publish failed; job back to queue",
+                        extra={"job_id": task.job_id, "error": str(exc)})
+            async with self.sessionmaker.begin() as session:
+                await placement.unassign(session, task.job_id, task.attempt,
+                                         "task could not be sent to the provider; retrying")
+            return
+        PLACEMENTS.inc()
+        TRANSITIONS.labels(states.ASSIGNED).inc()
+        log.info("job assigned", extra={"job_id": task.job_id, "provider_id": provider_id,
+                                        "attempt": task.attempt, "gpus": task.gpu_uuids})
+
+    async def on_job_submitted(self, _: bytes) -> None:
+        self.wake.set()
+
+    async def on_event(self, data: bytes) -> None:
+        try:
+            event = JobEvent.model_validate_json(data)
+        except ValidationError:
+            log.warning("invalid job event dropped")
+            return
+        async with self.sessionmaker.begin() as session:
+            effect = await apply_event(session, event)
+        EVENTS.labels(event.type).inc()
+        if effect.new_status:
+            TRANSITIONS.labels(effect.new_status).inc()
+            log.info("job %s", effect.new_status,
+                     extra={"job_id": event.job_id, "attempt": event.attempt})
+        if effect.gpus_freed or effect.requeued:
+            self.wake.set()
+
+
+async def consume(
+    js: JetStreamContext, subject: str, durable: str, stream: str,
+    handle: Callable[[bytes], Awaitable[None]], stop: asyncio.Event,
+) -> None:
+    """Pulls from a durable consumer shared by every replica; acks after handling."""
+    sub = await js.pull_subscribe(subject, durable=durable, stream=stream)
+    while not stop.is_set():
+        try:
+            msgs = await sub.fetch(batch=64, timeout=1)
+        except NatsTimeoutError:
+            continue
+        except Exception as exc:
+            log.warning("fetch failed; retrying", extra={"durable": durable, "error": str(exc)})
+            await asyncio.sleep(1)
+            continue
+        for msg in msgs:
+            try:
+                await handle(msg.data)
+            except Exception:
+                log.exception("handling failed; message will be redelivered")
+                await msg.nak(delay=2)
+                continue
+            await msg.ack()
+
+
+def health_app(scheduler_state: dict) -> FastAPI:
+    app = FastAPI(title="scheduler")
+
+    async def health() -> None:
+        if not scheduler_state["nc"].is_connected:
+            raise RuntimeError("NATS disconnected")
+        await check_database(scheduler_state["engine"])
+
+    install_common(app, "scheduler", health)
+    return app
+
+
+async def run(settings: SchedulerSettings) -> None:
+    configure_logging("scheduler", settings.log_level)
+    engine = make_engine(settings.database_url)
+    sessionmaker = make_sessionmaker(engine)
+    nc = await nats.connect(
+        settings.nats_url, max_reconnect_attempts=-1,
+        disconnected_cb=_on_disconnected, reconnected_cb=_on_reconnected,
+    )
+    js = nc.jetstream()
+    await ensure_streams(js)
+    scheduler = Scheduler(settings, nc, js, sessionmaker)
+
+    async def on_capacity_changed(_: object) -> None:
+        scheduler.wake.set()
+
+    await nc.subscribe(subjects.CAPACITY_CHANGED, cb=on_capacity_changed)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    server = uvicorn.Server(uvicorn.Config(
+        health_app({"nc": nc, "engine": engine}), host=settings.http_host,
+        port=settings.http_port, log_config=None,
+    ))
+    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+    log.info("scheduler started", extra={"allow_simulated": settings.simulated_allowed})
+    try:
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(consume(js, subjects.JOB_SUBMITTED, subjects.SCHEDULER_DURABLE,
+                                   subjects.JOBS_STREAM, scheduler.on_job_submitted, stop))
+            tg.create_task(consume(js, "events.>", subjects.SCHEDULER_EVENTS_DURABLE,
+                                   subjects.EVENTS_STREAM, scheduler.on_event, stop))
+            tg.create_task(scheduler.placement_loop(stop))
+            tg.create_task(server.serve())
+            await stop.wait()
+            server.should_exit = True
+            scheduler.wake.set()
+    finally:
+        await nc.drain()
+        await engine.dispose()
+        log.info("scheduler stopped")
+
+
+async def _on_disconnected() -> None:
+    log.warning("NATS disconnected; reconnecting")
+
+
+async def _on_reconnected() -> None:
+    log.warning("NATS reconnected")
+
+
+def main() -> None:
+    asyncio.run(run(SchedulerSettings()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,40 @@
+"""/internal routes of storage_service, called by the gateway."""
+
+import asyncio
+
+from fastapi import APIRouter, Depends, Request, status
+from sqlalchemy.ext.asyncio import async_sessionmaker
+
+from storage_service import service
+from storage_service.s3 import ObjectStore
+from storage_service.schemas import FileCreate, FileOut, FileUpload, PresignedUrl, PresignRequest
+
+internal = APIRouter(prefix="/internal")
+
+
+def _db(request: Request) -> async_sessionmaker:
+    return request.app.state.sessionmaker
+
+
+def _store(request: Request) -> ObjectStore:
+    return request.app.state.store
+
+
+@internal.post("/files", status_code=status.HTTP_201_CREATED, response_model=FileUpload)
+async def create_file(body: FileCreate, db=Depends(_db), store=Depends(_store)) -> FileUpload:
+    async with db.begin() as session:
+        return await service.create_file(session, store, body.owner_id, body.filename, body.size)
+
+
+@internal.get("/files/{file_id}", response_model=FileOut)
+async def get_file(
+    file_id: str, owner_id: str | None = None, db=Depends(_db), store=Depends(_store)
+) -> FileOut:
+    async with db.begin() as session:
+        return await service.get_file(session, store, file_id, owner_id)
+
+
+@internal.post("/presign", response_model=PresignedUrl)
+async def presign(body: PresignRequest, store=Depends(_store)) -> PresignedUrl:
+    url, expires_at = await asyncio.to_thread(store.presign, body.bucket, body.key, body.method)
+    return PresignedUrl(url=url, expires_at=expires_at)

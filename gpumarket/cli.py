@@ -1,0 +1,77 @@
+"""`gpumarket`: the operator and requester CLI."""
+
+import signal
+import sys
+from pathlib import Path
+from types import FrameType
+
+import typer
+from rich.console import Console
+
+from gpumarket.platform import DEFAULT_SIMULATED_GPUS, LocalPlatform
+from gpumarket.sample import dev_accounts, run_sample_job, start_local_provider
+
+app = typer.Typer(help="GPU marketplace: run it locally, submit and follow jobs.",
+                  no_args_is_help=True)
+console = Console()
+
+
+def _raise_interrupt(signum: int, _: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+@app.command()
+def up(
+    port: int = typer.Option(8000, help="Port of the gateway (the public API)."),
+    data_dir: Path = typer.Option(Path(".gpumarket"), help="Where all state is kept."),
+    simulate: str = typer.Option(DEFAULT_SIMULATED_GPUS,
+                                 help="Simulated GPUs of the local provider, MODEL:COUNT."),
+    sample: bool = typer.Option(True, help="Run the sample job once everything is up."),
+) -> None:
+    """Runs the whole marketplace on this machine until Ctrl-C."""
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    platform = LocalPlatform(data_dir=data_dir.resolve(), gateway_port=port, simulate=simulate)
+    try:
+        with console.status("starting NATS, PostgreSQL, S3 and podman") as status:
+            platform.start_servers()
+            status.update("migrating the database, preparing the sample image")
+            platform.prepare()
+            status.update("starting the services")
+            platform.start_services()
+            status.update("starting the local provider daemon")
+            accounts = dev_accounts(platform.data_dir)
+            start_local_provider(platform, accounts["provider"])
+        console.print(
+            f"[green]gpumarket ready[/] at {platform.gateway_url} "
+            f"(OpenAPI at {platform.gateway_url}/docs; logs in {platform.log_dir}; "
+            f"dev accounts in {platform.data_dir / 'dev-accounts.json'})"
+        )
+        if sample:
+            run_sample_job(platform.gateway_url, accounts["requester"], console)
+        console.print("running; press Ctrl-C to stop")
+        signal.pause()
+    except KeyboardInterrupt:
+        console.print("stopping")
+    except Exception as exc:
+        console.print(f"[red]gpumarket up failed:[/] {exc}")
+        raise typer.Exit(1) from exc
+    finally:
+        platform.stop()
+        console.print("stopped")
+
+
+@app.command()
+def migrate(database_url: str = typer.Option(..., envvar="GPUMARKET_DATABASE_URL")) -> None:
+    """Brings the database schema up to date (Alembic upgrade head)."""
+    from migrations.runner import upgrade
+
+    upgrade(database_url)
+    console.print("database is up to date")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,185 @@
+"""The whole marketplace on one machine: servers, migrations, services, a provider daemon.
+
+`gpumarket up` and the integration tests both run the platform through this module, so
+what the tests prove is what a developer runs.
+"""
+
+import logging
+import os
+import secrets
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from subprocess import Popen
+
+import httpx
+
+from gpumarket.localstack.nats import NatsServer, start_nats
+from gpumarket.localstack.podman import PodmanService, ensure_sample_image, start_podman
+from gpumarket.localstack.postgres import PostgresServer, start_postgres
+from gpumarket.localstack.process import free_port, spawn, stop_process
+from gpumarket.localstack.s3 import S3Server, start_s3
+from migrations.runner import upgrade
+
+log = logging.getLogger(__name__)
+
+SAMPLE_IMAGE = "localhost/gpumarket-sample:latest"
+DEFAULT_SIMULATED_GPUS = "RTX 4090:2"
+
+
+@dataclass
+class Servers:
+    nats: NatsServer
+    postgres: PostgresServer
+    s3: S3Server
+    podman: PodmanService
+
+
+@dataclass
+class ServiceProcess:
+    name: str
+    process: Popen
+    log_path: Path
+    health_url: str | None = None
+
+
+@dataclass
+class LocalPlatform:
+    data_dir: Path
+    gateway_port: int = 8000
+    simulate: str = DEFAULT_SIMULATED_GPUS
+    servers: Servers | None = None
+    # Servers handed in (by the tests) are not ours to stop.
+    owns_servers: bool = True
+    processes: list[ServiceProcess] = field(default_factory=list)
+    ports: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def gateway_url(self) -> str:
+        return f"http://127.0.0.1:{self.gateway_port}"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.data_dir / "logs"
+
+    def start_servers(self) -> Servers:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.log_dir.mkdir(exist_ok=True)
+        nats = start_nats(self.data_dir / "nats")
+        postgres = start_postgres(self.data_dir / "postgres")
+        s3 = start_s3(self.data_dir / "s3")
+        podman = start_podman(self.data_dir / "podman")
+        self.servers = Servers(nats, postgres, s3, podman)
+        return self.servers
+
+    def prepare(self) -> None:
+        """Migrations and the sample image: what must exist before the services start."""
+        assert self.servers is not None
+        upgrade(self.servers.postgres.url)
+        ensure_sample_image(self.servers.podman)
+
+    def _internal_token(self) -> str:
+        path = self.data_dir / "internal-token"
+        if not path.exists():
+            path.write_text(secrets.token_urlsafe(32))
+            path.chmod(0o600)
+        return path.read_text().strip()
+
+    def service_env(self) -> dict[str, str]:
+        assert self.servers is not None
+        s = self.servers
+        return {
+            **os.environ,
+            "GPUMARKET_DEV_MODE": "true",
+            "GPUMARKET_DATABASE_URL": s.postgres.url,
+            "GPUMARKET_NATS_URL": s.nats.url,
+            "GPUMARKET_INTERNAL_TOKEN": self._internal_token(),
+            "GPUMARKET_S3_ENDPOINT": s.s3.endpoint,
+            "GPUMARKET_S3_ACCESS_KEY": s.s3.access_key,
+            "GPUMARKET_S3_SECRET_KEY": s.s3.secret_key,
+            "GPUMARKET_S3_REGION": s.s3.region,
+            "GPUMARKET_AUTH_URL": f"http://127.0.0.1:{self.ports['auth_service']}",
+            "GPUMARKET_STORAGE_URL": f"http://127.0.0.1:{self.ports['storage_service']}",
+            "GPUMARKET_REGISTRY_URL": f"http://127.0.0.1:{self.ports['provider_registry']}",
+            "GPUMARKET_HTTP_PORT": str(self.ports["scheduler"]),
+        }
+
+    def _spawn(self, name: str, argv: list[str], env: dict[str, str], port: int | None) -> None:
+        log_path = self.log_dir / f"{name}.log"
+        process = spawn(name, argv, log_path, env=env)
+        health = f"http://127.0.0.1:{port}/healthz" if port else None
+        self.processes.append(ServiceProcess(name, process, log_path, health))
+
+    def start_services(self) -> None:
+        for name in ("auth_service", "storage_service", "provider_registry", "scheduler"):
+            self.ports.setdefault(name, free_port())
+        self.ports["gateway"] = self.gateway_port
+        env = self.service_env()
+        for name in ("auth_service", "storage_service", "provider_registry", "gateway"):
+            argv = [sys.executable, "-m", "uvicorn", f"{name}.app:create_app", "--factory",
+                    "--host", "127.0.0.1", "--port", str(self.ports[name]), "--no-access-log"]
+            self._spawn(name, argv, env, self.ports[name])
+        self._spawn("scheduler", [sys.executable, "-m", "scheduler.worker"], env,
+                    self.ports["scheduler"])
+        for proc in self.processes:
+            self._wait_healthy(proc)
+
+    def _wait_healthy(self, proc: ServiceProcess, timeout: float = 60.0) -> None:
+        if proc.health_url is None:
+            return
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if proc.process.poll() is not None:
+                raise RuntimeError(f"{proc.name} exited:\n{_tail(proc.log_path)}")
+            try:
+                if httpx.get(proc.health_url, timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"{proc.name} not healthy after {timeout}s:\n{_tail(proc.log_path)}")
+
+    def start_provider(self, join_token: str | None) -> ServiceProcess:
+        """Runs the local provider daemon: joins with the token, or resumes its saved config."""
+        assert self.servers is not None
+        config = self.data_dir / "provider.json"
+        self.ports.setdefault("provider_daemon", free_port())
+        env = {**self.service_env(), "DOCKER_HOST": self.servers.podman.docker_host}
+        common = ["--config", str(config), "--metrics-port", str(self.ports["provider_daemon"])]
+        if config.exists():
+            argv = [sys.executable, "-m", "provider_daemon", "run", *common]
+        else:
+            if join_token is None:
+                raise ValueError("a join token is needed for the first start")
+            argv = [
+                sys.executable, "-m", "provider_daemon", "join", "--token", join_token,
+                "--api", self.gateway_url, "--name", "local-dev", "--simulate", self.simulate,
+                "--work-dir", str(self.data_dir / "provider-work"),
+                "--docker-host", self.servers.podman.docker_host, *common,
+            ]
+        self._spawn("provider_daemon", argv, env, self.ports["provider_daemon"])
+        proc = self.processes[-1]
+        self._wait_healthy(proc)
+        return proc
+
+    def stop(self) -> None:
+        """Stops everything in reverse order: the daemon first, so it removes its containers."""
+        for proc in reversed(self.processes):
+            stop_process(proc.process, timeout=20)
+        self.processes.clear()
+        if self.servers is not None and self.owns_servers:
+            for server in (self.servers.podman, self.servers.s3, self.servers.nats,
+                           self.servers.postgres):
+                try:
+                    server.stop()
+                except Exception:
+                    log.exception("stopping a server failed")
+            self.servers = None
+
+
+def _tail(path: Path, lines: int = 40) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"

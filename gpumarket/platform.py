@@ -76,6 +76,7 @@ class LocalPlatform:
     def prepare(self) -> None:
         """Migrations and the sample image: what must exist before the services start."""
         assert self.servers is not None
+        self.log_dir.mkdir(parents=True, exist_ok=True)
         upgrade(self.servers.postgres.url)
         ensure_sample_image(self.servers.podman)
 

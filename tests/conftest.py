@@ -1,3 +1,4 @@
 pytest_plugins = [
     "tests.fixtures.servers",
+    "tests.fixtures.platform",
 ]

@@ -1,4 +1,5 @@
 pytest_plugins = [
     "tests.fixtures.servers",
+    "tests.fixtures.database",
     "tests.fixtures.platform",
 ]

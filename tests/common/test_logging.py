@@ -1,0 +1,29 @@
+import json
+import logging
+
+from common.logging import JsonFormatter
+
+
+def test_one_json_object_per_line_with_job_id() -> None:
+    formatter = JsonFormatter("scheduler")
+    record = logging.LogRecord("scheduler", logging.INFO, __file__, 1, "job %s", ("assigned",),
+                               None)
+    record.job_id = "j-1"
+    line = formatter.format(record)
+    assert "\n" not in line
+    entry = json.loads(line)
+    assert entry["msg"] == "job assigned"
+    assert entry["job_id"] == "j-1"
+    assert entry["service"] == "scheduler" and entry["level"] == "info"
+
+
+def test_exceptions_stay_on_one_line() -> None:
+    formatter = JsonFormatter("gateway")
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        import sys
+
+        record = logging.LogRecord("x", logging.ERROR, __file__, 1, "failed", (), sys.exc_info())
+    entry = json.loads(formatter.format(record))
+    assert "ValueError: boom" in entry["exc"]

@@ -44,7 +44,8 @@ def up(
         console.print(
             f"[green]gpumarket ready[/] at {platform.gateway_url} "
             f"(OpenAPI at {platform.gateway_url}/docs; logs in {platform.log_dir}; "
-            f"dev accounts in {platform.data_dir / 'dev-accounts.json'})"
+            f"dev accounts in {platform.data_dir / 'dev-accounts.json'})",
+            soft_wrap=True,
         )
         if sample:
             run_sample_job(platform.gateway_url, accounts["requester"], console)

@@ -25,6 +25,7 @@ from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from common import subjects
 from common.db import check_database, make_engine, make_sessionmaker
+from common.embedded_server import EmbeddedServer
 from common.http import install_common
 from common.logging import configure_logging
 from common.messages import JobEvent, TaskAssignment
@@ -133,23 +134,28 @@ async def consume(
 ) -> None:
     """Pulls from a durable consumer shared by every replica; acks after handling."""
     sub = await js.pull_subscribe(subject, durable=durable, stream=stream)
-    while not stop.is_set():
-        try:
-            msgs = await sub.fetch(batch=64, timeout=1)
-        except NatsTimeoutError:
-            continue
-        except Exception as exc:
-            log.warning("fetch failed; retrying", extra={"durable": durable, "error": str(exc)})
-            await asyncio.sleep(1)
-            continue
-        for msg in msgs:
+    try:
+        while not stop.is_set():
             try:
-                await handle(msg.data)
-            except Exception:
-                log.exception("handling failed; message will be redelivered")
-                await msg.nak(delay=2)
+                msgs = await sub.fetch(batch=64, timeout=1)
+            except NatsTimeoutError:
                 continue
-            await msg.ack()
+            except Exception as exc:
+                log.warning("fetch failed; retrying",
+                            extra={"durable": durable, "error": str(exc)})
+                await asyncio.sleep(1)
+                continue
+            for msg in msgs:
+                try:
+                    await handle(msg.data)
+                except Exception:
+                    log.exception("handling failed; message will be redelivered")
+                    await msg.nak(delay=2)
+                    continue
+                await msg.ack()
+    finally:
+        # An open pull subscription makes drain() wait out its whole timeout.
+        await sub.unsubscribe()
 
 
 def health_app(scheduler_state: dict) -> FastAPI:
@@ -185,11 +191,10 @@ async def run(settings: SchedulerSettings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    server = uvicorn.Server(uvicorn.Config(
+    server = EmbeddedServer(uvicorn.Config(
         health_app({"nc": nc, "engine": engine}), host=settings.http_host,
         port=settings.http_port, log_config=None,
     ))
-    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
     log.info("scheduler started", extra={"allow_simulated": settings.simulated_allowed})
     try:
         async with asyncio.TaskGroup() as tg:

@@ -69,10 +69,10 @@ class TestTokens:
         head, body, sig = real.split(".")
         forged = [
             f"{_b64({'alg': 'none', 'typ': 'JWT'})}.{body}.",
-            jwt.encode(claims, "secret", algorithm="HS256", headers={"kid": header["kid"]}),
+            jwt.encode(claims, "s" * 32, algorithm="HS256", headers={"kid": header["kid"]}),
             f"{head}.{_b64({**claims, 'roles': ['admin']})}.{sig}",
             f"{_b64({**header, 'kid': 'unknown-kid'})}.{body}.{sig}",
-            jwt.encode({**claims, "exp": int(time.time()) - 10}, "x", algorithm="HS256"),
+            jwt.encode({**claims, "exp": int(time.time()) - 10}, "x" * 32, algorithm="HS256"),
         ]
         for token in forged:
             response = httpx.get(f"{platform.gateway_url}/v1/me",

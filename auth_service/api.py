@@ -33,9 +33,7 @@ def _user_out(user) -> UserOut:  # type: ignore[no-untyped-def]
 
 
 @public.post("/v1/auth/register", status_code=status.HTTP_201_CREATED, response_model=UserOut)
-async def register(
-    body: RegisterRequest, db=Depends(_db), settings=Depends(_settings)
-) -> UserOut:
+async def register(body: RegisterRequest, db=Depends(_db), settings=Depends(_settings)) -> UserOut:
     async with db.begin() as session:
         user = await service.register(session, settings, body.email, body.password, body.role)
     return _user_out(user)
@@ -80,6 +78,8 @@ async def redeem_join_token(
             session, settings, body.token, body.machine_id
         )
     return AgentCredentialOut(
-        provider_id=provider_id, owner_id=owner_id, credential=credential,
+        provider_id=provider_id,
+        owner_id=owner_id,
+        credential=credential,
         credential_expires_at=expires_at,
     )

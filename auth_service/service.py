@@ -41,8 +41,9 @@ async def register(
         raise Invalid(
             f"must be at least {settings.min_password_length} characters", field="password"
         )
-    user = User(email=normalize_email(email), password_hash=password_hash.hash(password),
-                roles=[role])
+    user = User(
+        email=normalize_email(email), password_hash=password_hash.hash(password), roles=[role]
+    )
     session.add(user)
     try:
         await session.flush()
@@ -125,16 +126,19 @@ async def redeem_join_token(
         row.used_at = _now()
     key = await keys.active_key(session)
     expires_at = _now() + timedelta(days=settings.agent_credential_ttl_days)
-    credential = keys.sign(key, {
-        "iss": ISSUER,
-        "aud": AGENT_AUDIENCE,
-        "sub": row.provider_id,
-        "owner": owner.id,
-        "roles": ["agent"],
-        "iat": _now(),
-        "exp": expires_at,
-        "jti": secrets.token_hex(12),
-    })
+    credential = keys.sign(
+        key,
+        {
+            "iss": ISSUER,
+            "aud": AGENT_AUDIENCE,
+            "sub": row.provider_id,
+            "owner": owner.id,
+            "roles": ["agent"],
+            "iat": _now(),
+            "exp": expires_at,
+            "jti": secrets.token_hex(12),
+        },
+    )
     await session.flush()
     assert row.provider_id is not None
     return row.provider_id, owner.id, credential, expires_at

@@ -6,7 +6,8 @@ import sys
 from datetime import UTC, datetime
 
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {
-    "message", "color_message",  # uvicorn's ANSI-coloured copy of msg
+    "message",
+    "color_message",  # uvicorn's ANSI-coloured copy of msg
 }
 
 

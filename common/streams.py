@@ -41,6 +41,7 @@ STREAMS: list[StreamConfig] = [
         max_age=7 * DAY_S,
         max_bytes=4 * 1024**3,
         discard=DiscardPolicy.OLD,
+        duplicate_window=120.0,
     ),
 ]
 

@@ -45,6 +45,7 @@ def msg_id(job_id: str, attempt: int, kind: str) -> str:
     """Nats-Msg-Id for JetStream de-duplication of one message per job attempt."""
     return f"{job_id}:{attempt}:{kind}"
 
+
 # Core NATS (not persisted): a hint that free capacity may have appeared, so the
 # scheduler runs a placement pass now instead of at its next periodic one.
 CAPACITY_CHANGED = "capacity.changed"

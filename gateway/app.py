@@ -17,10 +17,12 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
 
     async def startup(app: FastAPI) -> None:
         app.state.auth = ServiceClient("auth_service", settings.auth_url, settings.internal_token)
-        app.state.storage = ServiceClient("storage_service", settings.storage_url,
-                                          settings.internal_token)
-        app.state.registry = ServiceClient("provider_registry", settings.registry_url,
-                                           settings.internal_token)
+        app.state.storage = ServiceClient(
+            "storage_service", settings.storage_url, settings.internal_token
+        )
+        app.state.registry = ServiceClient(
+            "provider_registry", settings.registry_url, settings.internal_token
+        )
         app.state.jwks = JwksCache(app.state.auth, settings.jwks_refresh_min_interval_s)
         app.state.nc = await nats.connect(settings.nats_url, max_reconnect_attempts=-1)
         app.state.js = app.state.nc.jetstream()
@@ -32,13 +34,20 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             await client.aclose()
 
     app = create_service_app(
-        "gateway", settings, startup, shutdown,
+        "gateway",
+        settings,
+        startup,
+        shutdown,
         description="GPU marketplace public API. Authenticate with `Authorization: Bearer`.",
         version="1",
     )
     if settings.cors_origins:
-        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins,
-                           allow_methods=["*"], allow_headers=["*"])
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["*"],
+            allow_headers=["*"],
+        )
     for module in (auth, files, jobs, providers, agent):
         app.include_router(module.router)
     return app

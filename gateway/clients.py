@@ -28,7 +28,8 @@ class ServiceClient:
     def __init__(self, name: str, base_url: str, internal_token: str) -> None:
         self.name = name
         self.http = httpx.AsyncClient(
-            base_url=base_url, timeout=httpx.Timeout(10.0, connect=3.0),
+            base_url=base_url,
+            timeout=httpx.Timeout(10.0, connect=3.0),
             headers={"X-Internal-Token": internal_token},
         )
 

@@ -21,18 +21,23 @@ log = logging.getLogger(__name__)
 
 
 async def submit_job(
-    db: async_sessionmaker, js: JetStreamContext, storage: ServiceClient, owner_id: str,
+    db: async_sessionmaker,
+    js: JetStreamContext,
+    storage: ServiceClient,
+    owner_id: str,
     spec: JobSpec,
 ) -> JobOut:
     """Stores the job (it can't be lost once we answer 202), then publishes a wake-up."""
     for i, item in enumerate(spec.inputs):
         try:
-            await storage.request("GET", f"/internal/files/{item.file_id}",
-                                  params={"owner_id": owner_id})
+            await storage.request(
+                "GET", f"/internal/files/{item.file_id}", params={"owner_id": owner_id}
+            )
         except UpstreamError as exc:
             if exc.status_code == 404:
-                raise Invalid(f"file {item.file_id} not found",
-                              field=f"inputs.{i}.file_id") from exc
+                raise Invalid(
+                    f"file {item.file_id} not found", field=f"inputs.{i}.file_id"
+                ) from exc
             raise
     async with db.begin() as session:
         job = await job_store.create_job(session, owner_id, spec)
@@ -44,8 +49,10 @@ async def submit_job(
         )
     except Exception as exc:
         # The job is safe in Postgres; the scheduler's next pass over queued jobs finds it.
-        log.warning("publish failed; the scheduler will find the job by its next pass",
-                    extra={"job_id": job.id, "error": str(exc)})
+        log.warning(
+            "publish failed; the scheduler will find the job by its next pass",
+            extra={"job_id": job.id, "error": str(exc)},
+        )
     log.info("job submitted", extra={"job_id": job.id, "owner_id": owner_id})
     return job_store.job_out(job)
 
@@ -56,7 +63,10 @@ async def _read_job(db: async_sessionmaker, job_id: str, owner_id: str | None) -
 
 
 async def stream_events(
-    db: async_sessionmaker, js: JetStreamContext, job_id: str, owner_id: str | None,
+    db: async_sessionmaker,
+    js: JetStreamContext,
+    job_id: str,
+    owner_id: str | None,
     poll_s: float,
 ) -> AsyncIterator[dict]:
     """SSE events for one job: `status` on every state change, `log` per log line, live.
@@ -65,8 +75,9 @@ async def stream_events(
     beginning. The stream ends after the job is terminal and its last lines were sent.
     """
     job = await _read_job(db, job_id, owner_id)
-    sub = await js.subscribe(subjects.job_logs_filter(job.id), ordered_consumer=True,
-                             stream=subjects.LOGS_STREAM)
+    sub = await js.subscribe(
+        subjects.job_logs_filter(job.id), ordered_consumer=True, stream=subjects.LOGS_STREAM
+    )
     last_status: tuple | None = None
     try:
         while True:
@@ -78,8 +89,10 @@ async def stream_events(
             drained = await _drain_logs(sub, poll_s)
             for batch in drained:
                 for line in batch.lines:
-                    yield {"event": "log",
-                           "data": json.dumps({"attempt": batch.attempt, "line": line})}
+                    yield {
+                        "event": "log",
+                        "data": json.dumps({"attempt": batch.attempt, "line": line}),
+                    }
             if job.status in states.TERMINAL and job.finished_at is not None and not drained:
                 yield {"event": "end", "data": json.dumps({"status": job.status})}
                 return
@@ -103,7 +116,10 @@ async def _drain_logs(sub, wait_s: float) -> list[LogBatch]:  # type: ignore[no-
 
 
 async def read_logs(
-    db: async_sessionmaker, js: JetStreamContext, storage: ServiceClient, job_id: str,
+    db: async_sessionmaker,
+    js: JetStreamContext,
+    storage: ServiceClient,
+    job_id: str,
     owner_id: str | None,
 ) -> str:
     """The current attempt's log: the stored file once the job ended, else the live lines."""
@@ -112,21 +128,26 @@ async def read_logs(
         text = await _stored_log(storage, job)
         if text is not None:
             return text
-    sub = await js.subscribe(subjects.job_logs_filter(job.id), ordered_consumer=True,
-                             stream=subjects.LOGS_STREAM)
+    sub = await js.subscribe(
+        subjects.job_logs_filter(job.id), ordered_consumer=True, stream=subjects.LOGS_STREAM
+    )
     try:
         batches = await _drain_logs(sub, 0.3)
     finally:
         await sub.unsubscribe()
-    return "".join(
-        line + "\n" for b in batches if b.attempt == job.attempt for line in b.lines
-    )
+    return "".join(line + "\n" for b in batches if b.attempt == job.attempt for line in b.lines)
 
 
 async def _stored_log(storage: ServiceClient, job: Job) -> str | None:
-    signed = await storage.request("POST", "/internal/presign", json={
-        "bucket": "logs", "key": job_store.log_key(job.id, job.attempt), "method": "GET",
-    })
+    signed = await storage.request(
+        "POST",
+        "/internal/presign",
+        json={
+            "bucket": "logs",
+            "key": job_store.log_key(job.id, job.attempt),
+            "method": "GET",
+        },
+    )
     async with httpx.AsyncClient(timeout=30) as http:
         response = await http.get(signed["url"])
     if response.status_code == 404:
@@ -143,18 +164,28 @@ async def output_urls(
         outputs = await job_store.list_outputs(session, job)
     result = []
     for out in outputs:
-        signed = await storage.request("POST", "/internal/presign", json={
-            "bucket": "outputs", "key": job_store.output_key(job.id, out.attempt, out.path),
-            "method": "GET",
-        })
-        result.append({"path": out.path, "size": out.size, "sha256": out.sha256,
-                       "download_url": signed["url"], "expires_at": signed["expires_at"]})
+        signed = await storage.request(
+            "POST",
+            "/internal/presign",
+            json={
+                "bucket": "outputs",
+                "key": job_store.output_key(job.id, out.attempt, out.path),
+                "method": "GET",
+            },
+        )
+        result.append(
+            {
+                "path": out.path,
+                "size": out.size,
+                "sha256": out.sha256,
+                "download_url": signed["url"],
+                "expires_at": signed["expires_at"],
+            }
+        )
     return result
 
 
-async def job_for_agent(
-    db: async_sessionmaker, job_id: str, provider_id: str, attempt: int
-) -> Job:
+async def job_for_agent(db: async_sessionmaker, job_id: str, provider_id: str, attempt: int) -> Job:
     """The job, if this attempt was sent to this provider; anything else is 'not found'."""
     async with db() as session:
         return await job_store.get_task(session, job_id, provider_id, attempt)

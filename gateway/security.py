@@ -60,7 +60,11 @@ class JwksCache:
         key = await self.key(header["kid"])
         try:
             return jwt.decode(
-                token, key.key, algorithms=ALGORITHMS, audience=audience, issuer=ISSUER,
+                token,
+                key.key,
+                algorithms=ALGORITHMS,
+                audience=audience,
+                issuer=ISSUER,
                 options={"require": ["exp", "iat", "sub", "aud", "iss"]},
             )
         except jwt.ExpiredSignatureError as exc:
@@ -79,8 +83,9 @@ async def current_principal(
     request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)
 ) -> Principal:
     claims = await request.app.state.jwks.verify(_token(credentials), ACCESS_AUDIENCE)
-    return Principal(id=claims["sub"], roles=tuple(claims.get("roles", ())),
-                     email=claims.get("email"))
+    return Principal(
+        id=claims["sub"], roles=tuple(claims.get("roles", ())), email=claims.get("email")
+    )
 
 
 def require(role: str):  # type: ignore[no-untyped-def]

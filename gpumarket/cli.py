@@ -11,8 +11,9 @@ from rich.console import Console
 from gpumarket.platform import DEFAULT_SIMULATED_GPUS, LocalPlatform
 from gpumarket.sample import dev_accounts, run_sample_job, start_local_provider
 
-app = typer.Typer(help="GPU marketplace: run it locally, submit and follow jobs.",
-                  no_args_is_help=True)
+app = typer.Typer(
+    help="GPU marketplace: run it locally, submit and follow jobs.", no_args_is_help=True
+)
 console = Console()
 
 
@@ -24,8 +25,9 @@ def _raise_interrupt(signum: int, _: FrameType | None) -> None:
 def up(
     port: int = typer.Option(8000, help="Port of the gateway (the public API)."),
     data_dir: Path = typer.Option(Path(".gpumarket"), help="Where all state is kept."),
-    simulate: str = typer.Option(DEFAULT_SIMULATED_GPUS,
-                                 help="Simulated GPUs of the local provider, MODEL:COUNT."),
+    simulate: str = typer.Option(
+        DEFAULT_SIMULATED_GPUS, help="Simulated GPUs of the local provider, MODEL:COUNT."
+    ),
     sample: bool = typer.Option(True, help="Run the sample job once everything is up."),
 ) -> None:
     """Runs the whole marketplace on this machine until Ctrl-C."""

@@ -38,12 +38,14 @@ class Client:
         return response.text
 
     def register(self, email: str, password: str, role: str) -> dict:
-        return self.request("POST", "/v1/auth/register",
-                            json={"email": email, "password": password, "role": role})
+        return self.request(
+            "POST", "/v1/auth/register", json={"email": email, "password": password, "role": role}
+        )
 
     def login(self, email: str, password: str) -> str:
-        self.token = self.request("POST", "/v1/auth/login",
-                                  json={"email": email, "password": password})["access_token"]
+        self.token = self.request(
+            "POST", "/v1/auth/login", json={"email": email, "password": password}
+        )["access_token"]
         return self.token
 
     def register_or_login(self, email: str, password: str, role: str) -> str:
@@ -57,8 +59,9 @@ class Client:
     def upload(self, filename: str, data: bytes | Path) -> dict:
         """Registers a file and PUTs its bytes to the presigned URL; returns the record."""
         content = data.read_bytes() if isinstance(data, Path) else data
-        record = self.request("POST", "/v1/files",
-                              json={"filename": filename, "size": len(content)})
+        record = self.request(
+            "POST", "/v1/files", json={"filename": filename, "size": len(content)}
+        )
         response = httpx.put(record["upload_url"], content=content, timeout=120)
         if response.status_code >= 300:
             raise ApiError(response.status_code, response.text)
@@ -72,10 +75,12 @@ class Client:
 
     def events(self, job_id: str, timeout: float = 300.0) -> Iterator[tuple[str, dict]]:
         """Yields (event, data) from the job's live stream until it ends."""
-        with httpx.Client(base_url=str(self.http.base_url),
-                          timeout=httpx.Timeout(timeout, connect=5)) as http:
-            with connect_sse(http, "GET", f"/v1/jobs/{job_id}/events",
-                             headers=self._headers()) as source:
+        with httpx.Client(
+            base_url=str(self.http.base_url), timeout=httpx.Timeout(timeout, connect=5)
+        ) as http:
+            with connect_sse(
+                http, "GET", f"/v1/jobs/{job_id}/events", headers=self._headers()
+            ) as source:
                 if source.response.status_code >= 400:
                     source.response.read()
                     raise ApiError(source.response.status_code, source.response.text)

@@ -118,11 +118,22 @@ class LocalPlatform:
         self.ports["gateway"] = self.gateway_port
         env = self.service_env()
         for name in ("auth_service", "storage_service", "provider_registry", "gateway"):
-            argv = [sys.executable, "-m", "uvicorn", f"{name}.app:create_app", "--factory",
-                    "--host", "127.0.0.1", "--port", str(self.ports[name]), "--no-access-log"]
+            argv = [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                f"{name}.app:create_app",
+                "--factory",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.ports[name]),
+                "--no-access-log",
+            ]
             self._spawn(name, argv, env, self.ports[name])
-        self._spawn("scheduler", [sys.executable, "-m", "scheduler.worker"], env,
-                    self.ports["scheduler"])
+        self._spawn(
+            "scheduler", [sys.executable, "-m", "scheduler.worker"], env, self.ports["scheduler"]
+        )
         for proc in self.processes:
             self._wait_healthy(proc)
 
@@ -154,10 +165,23 @@ class LocalPlatform:
             if join_token is None:
                 raise ValueError("a join token is needed for the first start")
             argv = [
-                sys.executable, "-m", "provider_daemon", "join", "--token", join_token,
-                "--api", self.gateway_url, "--name", "local-dev", "--simulate", self.simulate,
-                "--work-dir", str(self.data_dir / "provider-work"),
-                "--docker-host", self.servers.podman.docker_host, *common,
+                sys.executable,
+                "-m",
+                "provider_daemon",
+                "join",
+                "--token",
+                join_token,
+                "--api",
+                self.gateway_url,
+                "--name",
+                "local-dev",
+                "--simulate",
+                self.simulate,
+                "--work-dir",
+                str(self.data_dir / "provider-work"),
+                "--docker-host",
+                self.servers.podman.docker_host,
+                *common,
             ]
         self._spawn("provider_daemon", argv, env, self.ports["provider_daemon"])
         proc = self.processes[-1]
@@ -170,8 +194,12 @@ class LocalPlatform:
             stop_process(proc.process, timeout=20)
         self.processes.clear()
         if self.servers is not None and self.owns_servers:
-            for server in (self.servers.podman, self.servers.s3, self.servers.nats,
-                           self.servers.postgres):
+            for server in (
+                self.servers.podman,
+                self.servers.s3,
+                self.servers.nats,
+                self.servers.postgres,
+            ):
                 try:
                     server.stop()
                 except Exception:

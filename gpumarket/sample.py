@@ -12,8 +12,9 @@ from gpumarket.platform import SAMPLE_IMAGE, LocalPlatform
 
 SAMPLE_INPUT = b"hello from the gpu marketplace\n"
 SAMPLE_COMMAND = [
-    "sh", "-c",
-    "echo \"running on GPUs $NVIDIA_VISIBLE_DEVICES\"; "
+    "sh",
+    "-c",
+    'echo "running on GPUs $NVIDIA_VISIBLE_DEVICES"; '
     "tr a-z A-Z < /inputs/hello.txt > /outputs/result.txt; "
     "wc -c /inputs/hello.txt; echo done",
 ]
@@ -56,13 +57,15 @@ def run_sample_job(gateway_url: str, account: dict[str, str], console: Console) 
     client = Client(gateway_url)
     client.register_or_login(account["email"], account["password"], "requester")
     upload = client.upload("hello.txt", SAMPLE_INPUT)
-    job = client.submit({
-        "image": SAMPLE_IMAGE,
-        "command": SAMPLE_COMMAND,
-        "resources": {"gpus": 1},
-        "inputs": [{"file_id": upload["file_id"], "path": "hello.txt"}],
-        "max_duration_s": 120,
-    })
+    job = client.submit(
+        {
+            "image": SAMPLE_IMAGE,
+            "command": SAMPLE_COMMAND,
+            "resources": {"gpus": 1},
+            "inputs": [{"file_id": upload["file_id"], "path": "hello.txt"}],
+            "max_duration_s": 120,
+        }
+    )
     console.print(f"sample job [bold]{job['id']}[/] submitted")
     for event, data in client.events(job["id"]):
         if event == "status":

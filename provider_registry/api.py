@@ -43,6 +43,9 @@ async def list_offers(
 ) -> list[Offer]:
     async with db.begin() as session:
         return await service.list_offers(
-            session, model, min_vram_gb, max_price,
+            session,
+            model,
+            min_vram_gb,
+            max_price,
             include_simulated=request.app.state.settings.dev_mode,
         )

@@ -11,6 +11,7 @@ from decimal import Decimal
 from sqlalchemy import Select, and_, func, select, true, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from common.gpu_models import canonical_model
 from provider_registry.models import ONLINE, Gpu, Provider
 
 # Providers looked at per placement; beyond the cheapest few, prices barely differ.
@@ -36,7 +37,7 @@ class Reservation:
 def _matching(request: GpuRequest) -> list:
     conditions = []
     if request.models:
-        conditions.append(func.lower(Gpu.model).in_([m.lower() for m in request.models]))
+        conditions.append(Gpu.model.in_([canonical_model(m) for m in request.models]))
     if request.min_vram_mb:
         conditions.append(Gpu.vram_mb >= request.min_vram_mb)
     if request.max_price_per_hour is not None:
@@ -129,10 +130,16 @@ async def why_unplaceable(session: AsyncSession, request: GpuRequest) -> str | N
         )
     constraints = [
         ("models", request.models, f"of model {' or '.join(request.models or [])}"),
-        ("min_vram_mb", request.min_vram_mb,
-         f"with at least {(request.min_vram_mb or 0) / 1024:g} GiB of memory"),
-        ("max_price_per_hour", request.max_price_per_hour,
-         f"at or under {request.max_price_per_hour} per GPU-hour"),
+        (
+            "min_vram_mb",
+            request.min_vram_mb,
+            f"with at least {(request.min_vram_mb or 0) / 1024:g} GiB of memory",
+        ),
+        (
+            "max_price_per_hour",
+            request.max_price_per_hour,
+            f"at or under {request.max_price_per_hour} per GPU-hour",
+        ),
     ]
     described: list[str] = []
     for field, value, label in constraints:

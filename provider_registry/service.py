@@ -8,6 +8,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import selectinload
 
 from common.errors import Conflict
+from common.gpu_models import canonical_model
 from common.messages import Heartbeat
 from provider_registry.models import DRAINING, OFFLINE, ONLINE, Gpu, Provider
 from provider_registry.schemas import GpuOut, Offer, ProviderOut, ProviderRegistration
@@ -31,6 +32,7 @@ async def register_provider(session: AsyncSession, reg: ProviderRegistration) ->
     provider.state = ONLINE
     provider.last_heartbeat_at = datetime.now(UTC)
 
+    prices = {canonical_model(model): price for model, price in reg.prices.items()}
     existing = {g.uuid: g for g in provider.gpus}
     reported = {spec.uuid for spec in reg.gpus}
     # A GPU that holds a job stays until the job ends, even if it vanished from the report.
@@ -41,10 +43,10 @@ async def register_provider(session: AsyncSession, reg: ProviderRegistration) ->
             gpu = Gpu(uuid=spec.uuid)
             provider.gpus.append(gpu)
         gpu.index = spec.index
-        gpu.model = spec.model
+        gpu.model = canonical_model(spec.model)
         gpu.vram_mb = spec.vram_mb
         gpu.compute_capability = spec.compute_capability
-        gpu.price_per_hour = reg.prices.get(spec.model, DEFAULT_PRICE)
+        gpu.price_per_hour = prices.get(gpu.model, DEFAULT_PRICE)
         gpu.simulated = reg.simulated
     await session.flush()
     return provider
@@ -52,15 +54,27 @@ async def register_provider(session: AsyncSession, reg: ProviderRegistration) ->
 
 def provider_out(p: Provider) -> ProviderOut:
     return ProviderOut(
-        id=p.id, name=p.name, region=p.region, state=p.state, simulated=p.simulated,
-        last_heartbeat_at=p.last_heartbeat_at, created_at=p.created_at,
+        id=p.id,
+        name=p.name,
+        region=p.region,
+        state=p.state,
+        simulated=p.simulated,
+        last_heartbeat_at=p.last_heartbeat_at,
+        created_at=p.created_at,
         gpus=[
             GpuOut(
-                uuid=g.uuid, index=g.index, model=g.model, vram_mb=g.vram_mb,
-                compute_capability=g.compute_capability, price_per_gpu_hour=g.price_per_hour,
-                simulated=g.simulated, busy=g.reserved_job_id is not None,
-                utilization_pct=g.utilization_pct, memory_used_mb=g.memory_used_mb,
-                temperature_c=g.temperature_c, power_w=g.power_w,
+                uuid=g.uuid,
+                index=g.index,
+                model=g.model,
+                vram_mb=g.vram_mb,
+                compute_capability=g.compute_capability,
+                price_per_gpu_hour=g.price_per_hour,
+                simulated=g.simulated,
+                busy=g.reserved_job_id is not None,
+                utilization_pct=g.utilization_pct,
+                memory_used_mb=g.memory_used_mb,
+                temperature_c=g.temperature_c,
+                power_w=g.power_w,
             )
             for g in p.gpus
         ],
@@ -84,8 +98,14 @@ async def list_offers(
     """Free GPUs on online machines, one offer per machine and model, cheapest first."""
     query = (
         select(
-            Provider.id, Provider.name, Provider.region, Gpu.model, func.min(Gpu.vram_mb),
-            func.max(Gpu.price_per_hour), func.count(), Provider.simulated,
+            Provider.id,
+            Provider.name,
+            Provider.region,
+            Gpu.model,
+            func.min(Gpu.vram_mb),
+            func.max(Gpu.price_per_hour),
+            func.count(),
+            Provider.simulated,
         )
         .join(Gpu, Gpu.provider_id == Provider.id)
         .where(Provider.state == ONLINE, Gpu.reserved_job_id.is_(None))
@@ -93,7 +113,7 @@ async def list_offers(
         .order_by(func.max(Gpu.price_per_hour), Provider.id)
     )
     if model:
-        query = query.where(func.lower(Gpu.model) == model.lower())
+        query = query.where(Gpu.model == canonical_model(model))
     if min_vram_gb is not None:
         query = query.where(Gpu.vram_mb >= int(min_vram_gb * 1024))
     if max_price is not None:
@@ -102,9 +122,16 @@ async def list_offers(
         query = query.where(Provider.simulated.is_(False))
     rows = (await session.execute(query)).all()
     return [
-        Offer(provider_id=pid, provider_name=name, region=region, model=m,
-              vram_gb=round(vram / 1024, 1), price_per_gpu_hour=price, free_gpus=free,
-              simulated=sim)
+        Offer(
+            provider_id=pid,
+            provider_name=name,
+            region=region,
+            model=m,
+            vram_gb=round(vram / 1024, 1),
+            price_per_gpu_hour=price,
+            free_gpus=free,
+            simulated=sim,
+        )
         for pid, name, region, m, vram, price, free, sim in rows
     ]
 
@@ -130,8 +157,13 @@ async def ingest_heartbeats(session: AsyncSession, beats: list[Heartbeat]) -> li
         )
     metrics = [
         {
-            "p_id": b.provider_id, "g_uuid": g.uuid, "util": g.utilization_pct,
-            "mem": g.memory_used_mb, "temp": g.temperature_c, "power": g.power_w, "at": b.at,
+            "p_id": b.provider_id,
+            "g_uuid": g.uuid,
+            "util": g.utilization_pct,
+            "mem": g.memory_used_mb,
+            "temp": g.temperature_c,
+            "power": g.power_w,
+            "at": b.at,
         }
         for b in beats
         for g in b.gpus
@@ -144,8 +176,10 @@ async def ingest_heartbeats(session: AsyncSession, beats: list[Heartbeat]) -> li
                 Gpu.__table__.c.uuid == bindparam("g_uuid"),
             )
             .values(
-                utilization_pct=bindparam("util"), memory_used_mb=bindparam("mem"),
-                temperature_c=bindparam("temp"), power_w=bindparam("power"),
+                utilization_pct=bindparam("util"),
+                memory_used_mb=bindparam("mem"),
+                temperature_c=bindparam("temp"),
+                power_w=bindparam("power"),
                 metrics_at=bindparam("at"),
             ),
             metrics,

@@ -63,11 +63,18 @@ async def _finish(session: AsyncSession, job: Job, event: JobEvent, effect: Effe
     if event.outputs:
         await session.execute(
             insert(JobOutput)
-            .values([
-                {"job_id": job.id, "attempt": job.attempt, "path": o.path, "size": o.size,
-                 "sha256": o.sha256}
-                for o in event.outputs
-            ])
+            .values(
+                [
+                    {
+                        "job_id": job.id,
+                        "attempt": job.attempt,
+                        "path": o.path,
+                        "size": o.size,
+                        "sha256": o.sha256,
+                    }
+                    for o in event.outputs
+                ]
+            )
             .on_conflict_do_nothing()
         )
     if job.status == states.CANCELLED:

@@ -104,14 +104,22 @@ async def list_outputs(session: AsyncSession, job: Job) -> list[JobOutput]:
 
 def job_out(job: Job) -> JobOut:
     return JobOut(
-        id=job.id, status=job.status, waiting_reason=job.waiting_reason, attempt=job.attempt,
-        provider_id=job.provider_id, exit_code=job.exit_code, failure_reason=job.failure_reason,
-        image=job.image, command=job.command,
-        resources=Resources(gpus=job.gpus, gpu_models=job.gpu_models,
-                            min_vram_gb=job.min_vram_gb),
+        id=job.id,
+        status=job.status,
+        waiting_reason=job.waiting_reason,
+        attempt=job.attempt,
+        provider_id=job.provider_id,
+        exit_code=job.exit_code,
+        failure_reason=job.failure_reason,
+        image=job.image,
+        command=job.command,
+        resources=Resources(gpus=job.gpus, gpu_models=job.gpu_models, min_vram_gb=job.min_vram_gb),
         max_price_per_gpu_hour=job.max_price_per_gpu_hour,
-        price_per_gpu_hour=job.price_per_gpu_hour, max_duration_s=job.max_duration_s,
-        created_at=job.created_at, assigned_at=job.assigned_at, started_at=job.started_at,
+        price_per_gpu_hour=job.price_per_gpu_hour,
+        max_duration_s=job.max_duration_s,
+        created_at=job.created_at,
+        assigned_at=job.assigned_at,
+        started_at=job.started_at,
         finished_at=job.finished_at,
     )
 

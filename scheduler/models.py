@@ -31,7 +31,9 @@ class Job(Base):
     __table_args__ = (
         # The placement pass scans queued jobs in priority order.
         Index(
-            "ix_jobs_queued", text("priority DESC"), "created_at",
+            "ix_jobs_queued",
+            text("priority DESC"),
+            "created_at",
             postgresql_where=text("status = 'queued'"),
         ),
         Index("ix_jobs_owner_created", "owner_id", "created_at"),

@@ -24,7 +24,8 @@ def gpu_request(job: Job, allow_simulated: bool) -> capacity.GpuRequest:
         models=job.gpu_models,
         min_vram_mb=int(job.min_vram_gb * 1024) if job.min_vram_gb else None,
         max_price_per_hour=Decimal(job.max_price_per_gpu_hour)
-        if job.max_price_per_gpu_hour is not None else None,
+        if job.max_price_per_gpu_hour is not None
+        else None,
         allow_simulated=allow_simulated,
     )
 
@@ -44,7 +45,8 @@ async def place_job(
 ) -> TaskAssignment | None:
     """Reserves GPUs for a queued job and marks it assigned; None if it must wait."""
     job = await session.scalar(
-        select(Job).where(Job.id == job_id, Job.status == states.QUEUED)
+        select(Job)
+        .where(Job.id == job_id, Job.status == states.QUEUED)
         .with_for_update(skip_locked=True)
     )
     if job is None:

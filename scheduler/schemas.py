@@ -44,8 +44,9 @@ class JobSpec(BaseModel):
     env: dict[str, str] = Field(default_factory=dict, max_length=256)
     resources: Resources = Field(default_factory=Resources)
     inputs: list[JobInput] = Field(default_factory=list, max_length=256)
-    max_price_per_gpu_hour: Decimal | None = Field(default=None, gt=0, max_digits=12,
-                                                   decimal_places=6)
+    max_price_per_gpu_hour: Decimal | None = Field(
+        default=None, gt=0, max_digits=12, decimal_places=6
+    )
     max_duration_s: int = Field(ge=1, le=MAX_DURATION_S)
     priority: int = Field(default=0, ge=-100, le=100)
     retries: int = Field(default=2, ge=0, le=10)

@@ -46,7 +46,10 @@ TRANSITIONS = Counter("scheduler_job_transitions_total", "Job state changes", ["
 
 class Scheduler:
     def __init__(
-        self, settings: SchedulerSettings, nc: NATS, js: JetStreamContext,
+        self,
+        settings: SchedulerSettings,
+        nc: NATS,
+        js: JetStreamContext,
         sessionmaker: async_sessionmaker,
     ) -> None:
         self.settings = settings
@@ -75,7 +78,8 @@ class Scheduler:
             QUEUE_DEPTH.set(
                 await session.scalar(
                     select(func.count()).select_from(Job).where(Job.status == states.QUEUED)
-                ) or 0
+                )
+                or 0
             )
         for job_id in job_ids:
             async with self.sessionmaker.begin() as session:
@@ -97,16 +101,29 @@ class Scheduler:
                 headers={"Nats-Msg-Id": subjects.msg_id(task.job_id, task.attempt, "run")},
             )
         except Exception as exc:
-            log.warning("task publish failed; job back to queue",
-                        extra={"job_id": task.job_id, "error": str(exc)})
+            log.warning(
+                "task publish failed; job back to queue",
+                extra={"job_id": task.job_id, "error": str(exc)},
+            )
             async with self.sessionmaker.begin() as session:
-                await placement.unassign(session, task.job_id, task.attempt,
-                                         "task could not be sent to the provider; retrying")
+                await placement.unassign(
+                    session,
+                    task.job_id,
+                    task.attempt,
+                    "task could not be sent to the provider; retrying",
+                )
             return
         PLACEMENTS.inc()
         TRANSITIONS.labels(states.ASSIGNED).inc()
-        log.info("job assigned", extra={"job_id": task.job_id, "provider_id": provider_id,
-                                        "attempt": task.attempt, "gpus": task.gpu_uuids})
+        log.info(
+            "job assigned",
+            extra={
+                "job_id": task.job_id,
+                "provider_id": provider_id,
+                "attempt": task.attempt,
+                "gpus": task.gpu_uuids,
+            },
+        )
 
     async def on_job_submitted(self, _: bytes) -> None:
         self.wake.set()
@@ -122,15 +139,22 @@ class Scheduler:
         EVENTS.labels(event.type).inc()
         if effect.new_status:
             TRANSITIONS.labels(effect.new_status).inc()
-            log.info("job %s", effect.new_status,
-                     extra={"job_id": event.job_id, "attempt": event.attempt})
+            log.info(
+                "job %s",
+                effect.new_status,
+                extra={"job_id": event.job_id, "attempt": event.attempt},
+            )
         if effect.gpus_freed or effect.requeued:
             self.wake.set()
 
 
 async def consume(
-    js: JetStreamContext, subject: str, durable: str, stream: str,
-    handle: Callable[[bytes], Awaitable[None]], stop: asyncio.Event,
+    js: JetStreamContext,
+    subject: str,
+    durable: str,
+    stream: str,
+    handle: Callable[[bytes], Awaitable[None]],
+    stop: asyncio.Event,
 ) -> None:
     """Pulls from a durable consumer shared by every replica; acks after handling."""
     sub = await js.pull_subscribe(subject, durable=durable, stream=stream)
@@ -141,8 +165,7 @@ async def consume(
             except NatsTimeoutError:
                 continue
             except Exception as exc:
-                log.warning("fetch failed; retrying",
-                            extra={"durable": durable, "error": str(exc)})
+                log.warning("fetch failed; retrying", extra={"durable": durable, "error": str(exc)})
                 await asyncio.sleep(1)
                 continue
             for msg in msgs:
@@ -175,8 +198,10 @@ async def run(settings: SchedulerSettings) -> None:
     engine = make_engine(settings.database_url)
     sessionmaker = make_sessionmaker(engine)
     nc = await nats.connect(
-        settings.nats_url, max_reconnect_attempts=-1,
-        disconnected_cb=_on_disconnected, reconnected_cb=_on_reconnected,
+        settings.nats_url,
+        max_reconnect_attempts=-1,
+        disconnected_cb=_on_disconnected,
+        reconnected_cb=_on_reconnected,
     )
     js = nc.jetstream()
     await ensure_streams(js)
@@ -191,17 +216,37 @@ async def run(settings: SchedulerSettings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    server = EmbeddedServer(uvicorn.Config(
-        health_app({"nc": nc, "engine": engine}), host=settings.http_host,
-        port=settings.http_port, log_config=None,
-    ))
+    server = EmbeddedServer(
+        uvicorn.Config(
+            health_app({"nc": nc, "engine": engine}),
+            host=settings.http_host,
+            port=settings.http_port,
+            log_config=None,
+        )
+    )
     log.info("scheduler started", extra={"allow_simulated": settings.simulated_allowed})
     try:
         async with asyncio.TaskGroup() as tg:
-            tg.create_task(consume(js, subjects.JOB_SUBMITTED, subjects.SCHEDULER_DURABLE,
-                                   subjects.JOBS_STREAM, scheduler.on_job_submitted, stop))
-            tg.create_task(consume(js, "events.>", subjects.SCHEDULER_EVENTS_DURABLE,
-                                   subjects.EVENTS_STREAM, scheduler.on_event, stop))
+            tg.create_task(
+                consume(
+                    js,
+                    subjects.JOB_SUBMITTED,
+                    subjects.SCHEDULER_DURABLE,
+                    subjects.JOBS_STREAM,
+                    scheduler.on_job_submitted,
+                    stop,
+                )
+            )
+            tg.create_task(
+                consume(
+                    js,
+                    "events.>",
+                    subjects.SCHEDULER_EVENTS_DURABLE,
+                    subjects.EVENTS_STREAM,
+                    scheduler.on_event,
+                    stop,
+                )
+            )
             tg.create_task(scheduler.placement_loop(stop))
             tg.create_task(server.serve())
             await stop.wait()

@@ -23,13 +23,19 @@ async def create_file(
     if size > store.settings.max_file_size:
         raise Invalid(f"must be at most {store.settings.max_file_size} bytes", field="size")
     file_id = str(uuid.uuid4())
-    row = File(id=file_id, owner_id=owner_id, filename=_safe_filename(filename), size=size,
-               object_key=f"{owner_id}/{file_id}")
+    row = File(
+        id=file_id,
+        owner_id=owner_id,
+        filename=_safe_filename(filename),
+        size=size,
+        object_key=f"{owner_id}/{file_id}",
+    )
     session.add(row)
     await session.flush()
     url, expires_at = await asyncio.to_thread(store.presign, "inputs", row.object_key, "PUT")
-    return FileUpload(file_id=file_id, filename=row.filename, size=size, upload_url=url,
-                      expires_at=expires_at)
+    return FileUpload(
+        file_id=file_id, filename=row.filename, size=size, upload_url=url, expires_at=expires_at
+    )
 
 
 async def get_file(
@@ -40,8 +46,13 @@ async def get_file(
     if row is None or (owner_id is not None and row.owner_id != owner_id):
         raise NotFound(f"file {file_id} not found", field="file_id")
     url, expires_at = await asyncio.to_thread(store.presign, "inputs", row.object_key, "GET")
-    return FileOut(file_id=row.id, filename=row.filename, size=row.size, download_url=url,
-                   expires_at=expires_at)
+    return FileOut(
+        file_id=row.id,
+        filename=row.filename,
+        size=row.size,
+        download_url=url,
+        expires_at=expires_at,
+    )
 
 
 def _is_uuid(value: str) -> bool:

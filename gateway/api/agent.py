@@ -25,10 +25,17 @@ async def task_inputs(
     job = await jobs.job_for_agent(db, job_id, agent.provider_id, attempt)
     result = []
     for item in job.inputs:
-        f = await storage.request("GET", f"/internal/files/{item['file_id']}",
-                                  params={"owner_id": job.owner_id})
-        result.append(AgentInput(file_id=f["file_id"], path=item["path"], size=f["size"],
-                                 download_url=f["download_url"]))
+        f = await storage.request(
+            "GET", f"/internal/files/{item['file_id']}", params={"owner_id": job.owner_id}
+        )
+        result.append(
+            AgentInput(
+                file_id=f["file_id"],
+                path=item["path"],
+                size=f["size"],
+                download_url=f["download_url"],
+            )
+        )
     return result
 
 
@@ -44,14 +51,16 @@ async def task_outputs(
     job = await jobs.job_for_agent(db, job_id, agent.provider_id, body.attempt)
 
     async def put_url(bucket: str, key: str) -> str:
-        signed = await storage.request("POST", "/internal/presign",
-                                       json={"bucket": bucket, "key": key, "method": "PUT"})
+        signed = await storage.request(
+            "POST", "/internal/presign", json={"bucket": bucket, "key": key, "method": "PUT"}
+        )
         return signed["url"]
 
     uploads = [
-        UploadUrl(path=f.path,
-                  upload_url=await put_url("outputs",
-                                           job_store.output_key(job.id, job.attempt, f.path)))
+        UploadUrl(
+            path=f.path,
+            upload_url=await put_url("outputs", job_store.output_key(job.id, job.attempt, f.path)),
+        )
         for f in body.files
     ]
     log_url = await put_url("logs", job_store.log_key(job.id, job.attempt))

@@ -106,7 +106,8 @@ async def cancel_job(
     if job.provider_id is not None and job.finished_at is None:
         cancel = TaskCancel(job_id=job.id, attempt=job.attempt)
         await js.publish(
-            subjects.tasks_subject(job.provider_id), cancel.model_dump_json().encode(),
+            subjects.tasks_subject(job.provider_id),
+            cancel.model_dump_json().encode(),
             headers={"Nats-Msg-Id": subjects.msg_id(job.id, job.attempt, "cancel")},
         )
     return job_store.job_out(job)

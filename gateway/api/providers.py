@@ -23,8 +23,7 @@ async def create_join_token(
     return await auth.request("POST", "/internal/join-tokens", json={"owner_id": principal.id})
 
 
-@router.post("/v1/providers/join", status_code=status.HTTP_201_CREATED,
-             response_model=JoinResponse)
+@router.post("/v1/providers/join", status_code=status.HTTP_201_CREATED, response_model=JoinResponse)
 async def join(
     body: JoinRequest,
     request: Request,
@@ -37,13 +36,20 @@ async def join(
     (after a network error) completes instead of failing.
     """
     identity = await auth.request(
-        "POST", "/internal/join-tokens/redeem",
+        "POST",
+        "/internal/join-tokens/redeem",
         json={"token": body.token, "machine_id": body.machine_id},
     )
     registration = body.model_dump(mode="json", exclude={"token"})
-    await registry.request("POST", "/internal/providers", json={
-        **registration, "provider_id": identity["provider_id"], "owner_id": identity["owner_id"],
-    })
+    await registry.request(
+        "POST",
+        "/internal/providers",
+        json={
+            **registration,
+            "provider_id": identity["provider_id"],
+            "owner_id": identity["owner_id"],
+        },
+    )
     settings = request.app.state.settings
     return JoinResponse(
         provider_id=identity["provider_id"],
@@ -72,7 +78,9 @@ async def list_offers(
     registry: ServiceClient = Depends(deps.registry),
 ) -> list[dict]:
     """Free GPUs on the market, cheapest first."""
-    params = {k: str(v) for k, v in
-              {"model": model, "min_vram_gb": min_vram_gb, "max_price": max_price}.items()
-              if v is not None}
+    params = {
+        k: str(v)
+        for k, v in {"model": model, "min_vram_gb": min_vram_gb, "max_price": max_price}.items()
+        if v is not None
+    }
     return await registry.request("GET", "/internal/offers", params=params)

@@ -6,8 +6,9 @@ from common.logging import JsonFormatter
 
 def test_one_json_object_per_line_with_job_id() -> None:
     formatter = JsonFormatter("scheduler")
-    record = logging.LogRecord("scheduler", logging.INFO, __file__, 1, "job %s", ("assigned",),
-                               None)
+    record = logging.LogRecord(
+        "scheduler", logging.INFO, __file__, 1, "job %s", ("assigned",), None
+    )
     record.job_id = "j-1"
     line = formatter.format(record)
     assert "\n" not in line

@@ -22,8 +22,11 @@ class TestRegisterAndLogin:
         user = client.register("  Alice@Example.COM ", "a-good-password", "requester")
         assert user["email"] == "alice@example.com"
         assert user["roles"] == ["requester"]
-        login = client.request("POST", "/v1/auth/login",
-                               json={"email": "alice@example.com", "password": "a-good-password"})
+        login = client.request(
+            "POST",
+            "/v1/auth/login",
+            json={"email": "alice@example.com", "password": "a-good-password"},
+        )
         assert login["token_type"] == "bearer" and login["expires_in"] > 0
         client.token = login["access_token"]
         assert client.request("GET", "/v1/me")["id"] == user["id"]
@@ -36,12 +39,18 @@ class TestRegisterAndLogin:
         assert err.value.status_code == 409
         assert err.value.body["errors"][0]["field"] == "email"
 
-    @pytest.mark.parametrize(("body", "field"), [
-        ({"email": "not-an-email", "password": "a-good-password", "role": "requester"}, "email"),
-        ({"email": "c@example.com", "password": "short", "role": "requester"}, "password"),
-        ({"email": "c@example.com", "password": "a-good-password", "role": "admin"}, "role"),
-        ({"email": "c@example.com", "role": "requester"}, "password"),
-    ])
+    @pytest.mark.parametrize(
+        ("body", "field"),
+        [
+            (
+                {"email": "not-an-email", "password": "a-good-password", "role": "requester"},
+                "email",
+            ),
+            ({"email": "c@example.com", "password": "short", "role": "requester"}, "password"),
+            ({"email": "c@example.com", "password": "a-good-password", "role": "admin"}, "role"),
+            ({"email": "c@example.com", "role": "requester"}, "password"),
+        ],
+    )
     def test_bad_registration_is_422_naming_the_field(self, platform, body, field) -> None:  # type: ignore[no-untyped-def]
         response = httpx.post(f"{platform.gateway_url}/v1/auth/register", json=body)
         assert response.status_code == 422
@@ -51,8 +60,10 @@ class TestRegisterAndLogin:
         client = Client(platform.gateway_url)
         client.register("dave@example.com", "a-good-password", "requester")
         answers = []
-        for email, password in [("dave@example.com", "wrong-password"),
-                                ("nobody@example.com", "a-good-password")]:
+        for email, password in [
+            ("dave@example.com", "wrong-password"),
+            ("nobody@example.com", "a-good-password"),
+        ]:
             with pytest.raises(ApiError) as err:
                 client.login(email, password)
             answers.append((err.value.status_code, err.value.body))
@@ -75,8 +86,9 @@ class TestTokens:
             jwt.encode({**claims, "exp": int(time.time()) - 10}, "x" * 32, algorithm="HS256"),
         ]
         for token in forged:
-            response = httpx.get(f"{platform.gateway_url}/v1/me",
-                                 headers={"Authorization": f"Bearer {token}"})
+            response = httpx.get(
+                f"{platform.gateway_url}/v1/me", headers={"Authorization": f"Bearer {token}"}
+            )
             assert response.status_code == 401, token
 
 
@@ -106,43 +118,68 @@ class TestProviders:
     def test_join_token_binds_to_one_machine(self, platform) -> None:  # type: ignore[no-untyped-def]
         owner = new_user(platform, "provider")
         token = owner.request("POST", "/v1/providers/join-tokens")["token"]
-        body = {"token": token, "machine_id": "machine-a", "name": "a", "simulated": True,
-                "gpus": [{"uuid": "GPU-test-a", "index": 0, "model": "L4", "vram_mb": 24576}],
-                # Priced above what the other tests' jobs accept: no daemon runs here.
-                "prices": {"L4": 1000}}
+        body = {
+            "token": token,
+            "machine_id": "machine-a",
+            "name": "a",
+            "simulated": True,
+            "gpus": [{"uuid": "GPU-test-a", "index": 0, "model": "L4", "vram_mb": 24576}],
+            # Priced above what the other tests' jobs accept: no daemon runs here.
+            "prices": {"L4": 1000},
+        }
         first = httpx.post(f"{platform.gateway_url}/v1/providers/join", json=body)
         assert first.status_code == 201, first.text
         again = httpx.post(f"{platform.gateway_url}/v1/providers/join", json=body)
         assert again.status_code == 201
         assert again.json()["provider_id"] == first.json()["provider_id"]
-        stolen = httpx.post(f"{platform.gateway_url}/v1/providers/join",
-                            json={**body, "machine_id": "machine-b"})
+        stolen = httpx.post(
+            f"{platform.gateway_url}/v1/providers/join", json={**body, "machine_id": "machine-b"}
+        )
         assert stolen.status_code == 409
-        bogus = httpx.post(f"{platform.gateway_url}/v1/providers/join",
-                           json={**body, "token": "gpmj_nope"})
+        bogus = httpx.post(
+            f"{platform.gateway_url}/v1/providers/join", json={**body, "token": "gpmj_nope"}
+        )
         assert bogus.status_code == 401
         assert [m["name"] for m in owner.request("GET", "/v1/providers")] == ["a"]
 
     def test_agent_credential_only_reaches_its_own_tasks(self, platform, requester) -> None:  # type: ignore[no-untyped-def]
         owner = new_user(platform, "provider")
         token = owner.request("POST", "/v1/providers/join-tokens")["token"]
-        joined = httpx.post(f"{platform.gateway_url}/v1/providers/join", json={
-            "token": token, "machine_id": "m", "name": "m", "simulated": True,
-            "gpus": [{"uuid": "GPU-test-m", "index": 0, "model": "T4", "vram_mb": 16384}],
-            "prices": {"T4": 1000},
-        }).json()
-        job = requester.submit({"image": "x", "command": ["true"], "max_duration_s": 5,
-                                "resources": {"gpu_models": ["nothing-like-this"]}})
+        joined = httpx.post(
+            f"{platform.gateway_url}/v1/providers/join",
+            json={
+                "token": token,
+                "machine_id": "m",
+                "name": "m",
+                "simulated": True,
+                "gpus": [{"uuid": "GPU-test-m", "index": 0, "model": "T4", "vram_mb": 16384}],
+                "prices": {"T4": 1000},
+            },
+        ).json()
+        job = requester.submit(
+            {
+                "image": "x",
+                "command": ["true"],
+                "max_duration_s": 5,
+                "resources": {"gpu_models": ["nothing-like-this"]},
+            }
+        )
         response = httpx.get(
-            f"{platform.gateway_url}/v1/agent/jobs/{job['id']}/inputs", params={"attempt": 0},
-            headers={"Authorization": f"Bearer {joined['credential']}"})
+            f"{platform.gateway_url}/v1/agent/jobs/{job['id']}/inputs",
+            params={"attempt": 0},
+            headers={"Authorization": f"Bearer {joined['credential']}"},
+        )
         assert response.status_code == 404
         # A user's access token is not an agent credential, and vice versa.
         response = httpx.get(
-            f"{platform.gateway_url}/v1/agent/jobs/{job['id']}/inputs", params={"attempt": 0},
-            headers={"Authorization": f"Bearer {requester.token}"})
+            f"{platform.gateway_url}/v1/agent/jobs/{job['id']}/inputs",
+            params={"attempt": 0},
+            headers={"Authorization": f"Bearer {requester.token}"},
+        )
         assert response.status_code == 401
-        response = httpx.get(f"{platform.gateway_url}/v1/jobs",
-                             headers={"Authorization": f"Bearer {joined['credential']}"})
+        response = httpx.get(
+            f"{platform.gateway_url}/v1/jobs",
+            headers={"Authorization": f"Bearer {joined['credential']}"},
+        )
         assert response.status_code == 401
         requester.request("POST", f"/v1/jobs/{job['id']}/cancel")

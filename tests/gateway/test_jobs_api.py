@@ -23,21 +23,33 @@ def wait_for(client: Client, job_id: str, predicate, timeout: float = 60.0) -> d
 
 def job_spec(command: list[str], **overrides) -> dict:  # type: ignore[no-untyped-def]
     # The price cap keeps jobs off the daemon-less machines other tests register.
-    return {"image": SAMPLE_IMAGE, "command": command, "resources": {"gpus": 1},
-            "max_duration_s": 120, "max_price_per_gpu_hour": 1, **overrides}
+    return {
+        "image": SAMPLE_IMAGE,
+        "command": command,
+        "resources": {"gpus": 1},
+        "max_duration_s": 120,
+        "max_price_per_gpu_hour": 1,
+        **overrides,
+    }
 
 
 class TestJobRunsEndToEnd:
     def test_inputs_in_outputs_out_followed_live(self, requester: Client) -> None:
         data = b"the quick brown fox\n" * 1000
         upload = requester.upload("fox.txt", data)
-        job = requester.submit(job_spec(
-            ["sh", "-c",
-             "echo start; echo gpus=$NVIDIA_VISIBLE_DEVICES; "
-             "mkdir -p /outputs/sub; tr a-z A-Z < /inputs/data/fox.txt > /outputs/sub/FOX.txt; "
-             "cp /inputs/data/fox.txt /outputs/copy.txt; echo finished"],
-            inputs=[{"file_id": upload["file_id"], "path": "data/fox.txt"}],
-        ))
+        job = requester.submit(
+            job_spec(
+                [
+                    "sh",
+                    "-c",
+                    "echo start; echo gpus=$NVIDIA_VISIBLE_DEVICES; "
+                    "mkdir -p /outputs/sub; "
+                    "tr a-z A-Z < /inputs/data/fox.txt > /outputs/sub/FOX.txt; "
+                    "cp /inputs/data/fox.txt /outputs/copy.txt; echo finished",
+                ],
+                inputs=[{"file_id": upload["file_id"], "path": "data/fox.txt"}],
+            )
+        )
         assert job["status"] == "queued"
 
         statuses, lines = [], []
@@ -120,17 +132,22 @@ def _free_gpus(client: Client) -> int:
 
 
 class TestJobInputErrors:
-    @pytest.mark.parametrize(("spec", "field"), [
-        (job_spec([]), "command"),
-        (job_spec(["true"], max_duration_s=0), "max_duration_s"),
-        (job_spec(["true"], resources={"gpus": 0}), "resources.gpus"),
-        (job_spec(["true"], env={"1BAD": "x"}), "env"),
-        (job_spec(["true"], inputs=[{"file_id": "x", "path": "../etc/passwd"}]),
-         "inputs.0.path"),
-        (job_spec(["true"], max_price_per_gpu_hour=-1), "max_price_per_gpu_hour"),
-        ({**job_spec(["true"]), "surprise": 1}, "surprise"),
-        ({"command": ["true"], "max_duration_s": 5}, "image"),
-    ])
+    @pytest.mark.parametrize(
+        ("spec", "field"),
+        [
+            (job_spec([]), "command"),
+            (job_spec(["true"], max_duration_s=0), "max_duration_s"),
+            (job_spec(["true"], resources={"gpus": 0}), "resources.gpus"),
+            (job_spec(["true"], env={"1BAD": "x"}), "env"),
+            (
+                job_spec(["true"], inputs=[{"file_id": "x", "path": "../etc/passwd"}]),
+                "inputs.0.path",
+            ),
+            (job_spec(["true"], max_price_per_gpu_hour=-1), "max_price_per_gpu_hour"),
+            ({**job_spec(["true"]), "surprise": 1}, "surprise"),
+            ({"command": ["true"], "max_duration_s": 5}, "image"),
+        ],
+    )
     def test_bad_spec_is_422_naming_the_field(self, requester: Client, spec, field) -> None:  # type: ignore[no-untyped-def]
         with pytest.raises(ApiError) as err:
             requester.submit(spec)
@@ -140,8 +157,9 @@ class TestJobInputErrors:
 
     def test_unknown_input_file_is_422_and_nothing_is_queued(self, requester: Client) -> None:
         before = requester.request("GET", "/v1/jobs")
-        spec = job_spec(["true"], inputs=[
-            {"file_id": "00000000-0000-0000-0000-000000000000", "path": "a"}])
+        spec = job_spec(
+            ["true"], inputs=[{"file_id": "00000000-0000-0000-0000-000000000000", "path": "a"}]
+        )
         with pytest.raises(ApiError) as err:
             requester.submit(spec)
         assert err.value.status_code == 422
@@ -151,8 +169,9 @@ class TestJobInputErrors:
     def test_someone_elses_file_cannot_be_used(self, platform, requester: Client) -> None:  # type: ignore[no-untyped-def]
         theirs = new_user(platform).upload("secret.txt", b"secret")
         with pytest.raises(ApiError) as err:
-            requester.submit(job_spec(["true"],
-                                      inputs=[{"file_id": theirs["file_id"], "path": "s"}]))
+            requester.submit(
+                job_spec(["true"], inputs=[{"file_id": theirs["file_id"], "path": "s"}])
+            )
         assert err.value.status_code == 422
         with pytest.raises(ApiError) as err:
             requester.request("GET", f"/v1/files/{theirs['file_id']}")
@@ -166,15 +185,21 @@ class TestJobAccess:
         assert response.json()["detail"]
 
     def test_garbage_token_is_401(self, platform) -> None:  # type: ignore[no-untyped-def]
-        response = httpx.get(f"{platform.gateway_url}/v1/jobs",
-                             headers={"Authorization": "Bearer not-a-jwt"})
+        response = httpx.get(
+            f"{platform.gateway_url}/v1/jobs", headers={"Authorization": "Bearer not-a-jwt"}
+        )
         assert response.status_code == 401
 
     def test_someone_elses_job_is_404_everywhere(self, platform, requester: Client) -> None:  # type: ignore[no-untyped-def]
         job = requester.submit(job_spec(["true"]))
         other = new_user(platform)
-        for method, suffix in [("GET", ""), ("GET", "/logs"), ("GET", "/outputs"),
-                               ("GET", "/events"), ("POST", "/cancel")]:
+        for method, suffix in [
+            ("GET", ""),
+            ("GET", "/logs"),
+            ("GET", "/outputs"),
+            ("GET", "/events"),
+            ("POST", "/cancel"),
+        ]:
             with pytest.raises(ApiError) as err:
                 other.request(method, f"/v1/jobs/{job['id']}{suffix}")
             assert err.value.status_code == 404, suffix

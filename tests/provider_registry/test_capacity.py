@@ -37,14 +37,14 @@ class TestReserve:
             await create_provider(session, model="L4", simulated=True)
         assert (await reserve(db, GpuRequest(count=1, min_vram_mb=40000))).gpu_uuids
         assert await reserve(db, GpuRequest(count=1, models=["h100"])) is None
-        assert await reserve(db, GpuRequest(count=1, models=["A100"],
-                                            max_price_per_hour=Decimal("1"))) is None
+        assert (
+            await reserve(db, GpuRequest(count=1, models=["A100"], max_price_per_hour=Decimal("1")))
+            is None
+        )
         assert await reserve(db, GpuRequest(count=1, models=["L4"])) is None
         assert await reserve(db, GpuRequest(count=1, models=["L4"], allow_simulated=True))
 
-    async def test_concurrent_reservations_never_share_a_gpu(
-        self, db: async_sessionmaker
-    ) -> None:
+    async def test_concurrent_reservations_never_share_a_gpu(self, db: async_sessionmaker) -> None:
         async with db.begin() as session:
             for _ in range(4):
                 await create_provider(session, gpus=2)

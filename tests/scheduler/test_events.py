@@ -18,8 +18,11 @@ from tests.provider_registry.factories import create_provider
 async def placed_job(db: async_sessionmaker, retries: int = 2):  # type: ignore[no-untyped-def]
     async with db.begin() as session:
         provider = await create_provider(session, gpus=1)
-        job = await job_store.create_job(session, str(uuid.uuid4()), JobSpec(
-            image="i", command=["true"], max_duration_s=60, retries=retries))
+        job = await job_store.create_job(
+            session,
+            str(uuid.uuid4()),
+            JobSpec(image="i", command=["true"], max_duration_s=60, retries=retries),
+        )
     async with db.begin() as session:
         task = await placement.place_job(session, job.id, allow_simulated=False)
     assert task is not None and task.gpu_uuids == [provider.gpus[0].uuid]
@@ -27,8 +30,14 @@ async def placed_job(db: async_sessionmaker, retries: int = 2):  # type: ignore[
 
 
 def event(job_id: str, provider_id: str, type_: str, attempt: int = 0, **kw) -> JobEvent:  # type: ignore[no-untyped-def]
-    return JobEvent(job_id=job_id, attempt=attempt, provider_id=provider_id, type=type_,
-                    at=datetime.now(UTC), **kw)
+    return JobEvent(
+        job_id=job_id,
+        attempt=attempt,
+        provider_id=provider_id,
+        type=type_,
+        at=datetime.now(UTC),
+        **kw,
+    )
 
 
 async def apply(db: async_sessionmaker, ev: JobEvent):  # type: ignore[no-untyped-def]
@@ -44,7 +53,8 @@ async def load(db: async_sessionmaker, job_id: str):  # type: ignore[no-untyped-
 async def free_gpus(db: async_sessionmaker) -> int:
     async with db() as session:
         return await session.scalar(
-            select(func.count()).select_from(Gpu).where(Gpu.reserved_job_id.is_(None)))
+            select(func.count()).select_from(Gpu).where(Gpu.reserved_job_id.is_(None))
+        )
 
 
 class TestApplyEvent:
@@ -54,8 +64,14 @@ class TestApplyEvent:
         job_id, provider_id = await placed_job(db)
         await apply(db, event(job_id, provider_id, "started"))
         assert (await load(db, job_id)).status == states.RUNNING
-        finished = event(job_id, provider_id, "finished", exit_code=0, outcome="exited",
-                         outputs=[OutputFile(path="a.txt", size=3, sha256="0" * 64)])
+        finished = event(
+            job_id,
+            provider_id,
+            "finished",
+            exit_code=0,
+            outcome="exited",
+            outputs=[OutputFile(path="a.txt", size=3, sha256="0" * 64)],
+        )
         effects = [await apply(db, finished) for _ in range(3)]
         assert [e.gpus_freed for e in effects] == [True, False, False]
         job = await load(db, job_id)
@@ -68,17 +84,19 @@ class TestApplyEvent:
         self, db: async_sessionmaker
     ) -> None:
         job_id, provider_id = await placed_job(db)
-        await apply(db, event(job_id, provider_id, "finished", attempt=5, exit_code=0,
-                              outcome="exited"))
-        await apply(db, event(job_id, str(uuid.uuid4()), "finished", exit_code=0,
-                              outcome="exited"))
+        await apply(
+            db, event(job_id, provider_id, "finished", attempt=5, exit_code=0, outcome="exited")
+        )
+        await apply(db, event(job_id, str(uuid.uuid4()), "finished", exit_code=0, outcome="exited"))
         assert (await load(db, job_id)).status == states.ASSIGNED
         assert await free_gpus(db) == 0
 
     async def test_user_failure_is_final(self, db: async_sessionmaker) -> None:
         job_id, provider_id = await placed_job(db)
-        await apply(db, event(job_id, provider_id, "finished", exit_code=2, outcome="exited",
-                              log_tail="oops"))
+        await apply(
+            db,
+            event(job_id, provider_id, "finished", exit_code=2, outcome="exited", log_tail="oops"),
+        )
         job = await load(db, job_id)
         assert job.status == states.FAILED and job.exit_code == 2 and job.log_tail == "oops"
         assert job.attempt == 0
@@ -87,8 +105,16 @@ class TestApplyEvent:
         self, db: async_sessionmaker
     ) -> None:
         job_id, provider_id = await placed_job(db, retries=1)
-        effect = await apply(db, event(job_id, provider_id, "finished",
-                                       outcome="infrastructure", reason="image pull failed"))
+        effect = await apply(
+            db,
+            event(
+                job_id,
+                provider_id,
+                "finished",
+                outcome="infrastructure",
+                reason="image pull failed",
+            ),
+        )
         assert effect.requeued
         job = await load(db, job_id)
         assert job.status == states.QUEUED and job.attempt == 1
@@ -101,8 +127,17 @@ class TestApplyEvent:
         async with db.begin() as session:
             task = await placement.place_job(session, job_id, allow_simulated=False)
         assert task is not None and task.attempt == 1
-        await apply(db, event(job_id, other.id, "finished", attempt=1,
-                              outcome="infrastructure", reason="disk full"))
+        await apply(
+            db,
+            event(
+                job_id,
+                other.id,
+                "finished",
+                attempt=1,
+                outcome="infrastructure",
+                reason="disk full",
+            ),
+        )
         job = await load(db, job_id)
         assert job.status == states.FAILED
         assert job.failure_reason == "infrastructure: disk full"
@@ -116,8 +151,7 @@ class TestApplyEvent:
             job = await job_store.request_cancel(session, job_id, None)
         assert job.status == states.CANCELLED and job.finished_at is None
         assert await free_gpus(db) == 0
-        await apply(db, event(job_id, provider_id, "finished", exit_code=137,
-                              outcome="cancelled"))
+        await apply(db, event(job_id, provider_id, "finished", exit_code=137, outcome="cancelled"))
         job = await load(db, job_id)
         assert job.status == states.CANCELLED and job.finished_at is not None
         assert await free_gpus(db) == 1

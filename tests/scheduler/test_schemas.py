@@ -18,8 +18,12 @@ def test_escaping_paths_are_refused(path: str) -> None:
 
 def test_duplicate_input_paths_are_refused() -> None:
     with pytest.raises(ValidationError, match="same path"):
-        JobSpec(image="i", command=["true"], max_duration_s=1,
-                inputs=[{"file_id": "a", "path": "x"}, {"file_id": "b", "path": "./x"}])
+        JobSpec(
+            image="i",
+            command=["true"],
+            max_duration_s=1,
+            inputs=[{"file_id": "a", "path": "x"}, {"file_id": "b", "path": "./x"}],
+        )
 
 
 def test_defaults() -> None:

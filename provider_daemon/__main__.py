@@ -1,0 +1,3 @@
+from provider_daemon.cli import main
+
+main()

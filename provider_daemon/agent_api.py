@@ -1,0 +1,156 @@
+"""The gateway's agent API as the daemon uses it: job inputs and presigned transfer URLs."""
+
+import asyncio
+import logging
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import TypeVar
+
+import httpx
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from common.messages import OutputFile
+from provider_daemon.errors import InfrastructureError
+
+log = logging.getLogger(__name__)
+
+CHUNK = 1024 * 1024
+T = TypeVar("T")
+
+
+class _Response(BaseModel):
+    # A newer gateway may add fields; the daemon takes what it knows.
+    model_config = ConfigDict(extra="ignore")
+
+
+class InputFile(_Response):
+    file_id: str
+    path: str
+    size: int
+    download_url: str
+
+
+class UploadTarget(_Response):
+    path: str
+    upload_url: str
+
+
+class OutputsPlan(_Response):
+    uploads: list[UploadTarget]
+    log_upload_url: str
+
+
+class _Transient(Exception):
+    """Worth another try: the connection failed or the server had a 5xx moment."""
+
+
+def _check(response: httpx.Response, what: str) -> None:
+    if response.status_code >= 500:
+        raise _Transient(f"{what}: HTTP {response.status_code}")
+    if response.status_code >= 400:
+        try:
+            detail = response.json().get("detail", response.text)
+        except (ValueError, AttributeError):
+            detail = response.text.strip()[:300]
+        raise InfrastructureError(f"{what}: HTTP {response.status_code}: {detail}")
+
+
+class AgentApi:
+    """Calls under /v1/agent carry the provider's credential; presigned URLs carry none."""
+
+    def __init__(
+        self,
+        api_url: str,
+        credential: str,
+        timeout_s: float = 60.0,
+        attempts: int = 3,
+    ) -> None:
+        self.api_url = api_url.rstrip("/")
+        self.attempts = attempts
+        self._auth = {"Authorization": f"Bearer {credential}"}
+        # Presigned URLs are signed for exactly what is sent: no extra auth header there.
+        self.client = httpx.AsyncClient(timeout=timeout_s)
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+    async def _retry(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
+        for attempt in range(1, self.attempts + 1):
+            try:
+                return await call()
+            except (httpx.TransportError, _Transient) as exc:
+                if attempt == self.attempts:
+                    raise InfrastructureError(f"{what}: {exc or type(exc).__name__}") from None
+                log.warning("%s failed (%s), retrying", what, exc or type(exc).__name__)
+                await asyncio.sleep(0.5 * 2**attempt)
+        raise AssertionError("unreachable")
+
+    async def list_inputs(self, job_id: str, attempt: int) -> list[InputFile]:
+        url = f"{self.api_url}/v1/agent/jobs/{job_id}/inputs"
+        what = f"listing inputs of job {job_id}"
+
+        async def call() -> list[InputFile]:
+            response = await self.client.get(url, params={"attempt": attempt}, headers=self._auth)
+            _check(response, what)
+            return [InputFile.model_validate(item) for item in response.json()]
+
+        try:
+            return await self._retry(what, call)
+        except (ValidationError, ValueError, TypeError) as exc:
+            raise InfrastructureError(f"{what}: unexpected response: {exc}") from None
+
+    async def download(self, url: str, dest: Path, expected_size: int | None = None) -> int:
+        """Streams one presigned URL to `dest`; returns the bytes written."""
+        what = f"downloading input {dest.name}"
+
+        async def call() -> int:
+            written = 0
+            async with self.client.stream("GET", url) as response:
+                _check(response, what)
+                with dest.open("wb") as f:
+                    async for chunk in response.aiter_bytes(CHUNK):
+                        f.write(chunk)
+                        written += len(chunk)
+            return written
+
+        written = await self._retry(what, call)
+        if expected_size is not None and written != expected_size:
+            raise InfrastructureError(f"{what}: got {written} bytes, expected {expected_size}")
+        return written
+
+    async def plan_outputs(self, job_id: str, attempt: int, files: list[OutputFile]) -> OutputsPlan:
+        url = f"{self.api_url}/v1/agent/jobs/{job_id}/outputs"
+        what = f"registering outputs of job {job_id}"
+        body = {"attempt": attempt, "files": [f.model_dump() for f in files]}
+
+        async def call() -> OutputsPlan:
+            response = await self.client.post(url, json=body, headers=self._auth)
+            _check(response, what)
+            return OutputsPlan.model_validate_json(response.content)
+
+        try:
+            return await self._retry(what, call)
+        except ValidationError as exc:
+            raise InfrastructureError(f"{what}: unexpected response: {exc}") from None
+
+    async def upload(self, url: str, src: Path, content_type: str | None = None) -> None:
+        """PUTs a file to a presigned URL without reading it into memory."""
+        what = f"uploading {src.name}"
+
+        async def body() -> AsyncIterator[bytes]:
+            with src.open("rb") as f:
+                while chunk := f.read(CHUNK):
+                    yield chunk
+
+        size = await asyncio.to_thread(os.path.getsize, src)
+
+        async def call() -> None:
+            # An explicit length: S3 refuses chunked uploads to presigned PUT URLs.
+            headers = {"Content-Length": str(size)}
+            if content_type:
+                headers["Content-Type"] = content_type
+            response = await self.client.put(url, content=body(), headers=headers)
+            _check(response, what)
+
+        await self._retry(what, call)

@@ -1,0 +1,209 @@
+"""The container engine (Docker, or Podman's Docker-compatible API) through docker-py.
+
+docker-py blocks, so every call runs off the event loop: short calls through
+asyncio.to_thread, and the two that last as long as a job (wait, log streaming) on
+their own daemon threads, so several jobs cannot starve the default executor and a
+stuck stream cannot hold up the process's exit.
+"""
+
+import asyncio
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import docker
+from docker.errors import APIError, DockerException, ImageNotFound, NotFound
+from docker.models.containers import Container
+from docker.types import DeviceRequest, Ulimit
+from docker.utils import parse_repository_tag
+
+from provider_daemon.errors import DaemonError, InfrastructureError
+
+T = TypeVar("T")
+
+LABEL_JOB = "gpumarket.job_id"
+LABEL_ATTEMPT = "gpumarket.attempt"
+LABEL_PROVIDER = "gpumarket.provider_id"
+
+
+@dataclass(frozen=True)
+class ContainerSpec:
+    name: str
+    image: str
+    command: list[str]
+    env: dict[str, str]
+    labels: dict[str, str]
+    inputs_dir: Path
+    outputs_dir: Path
+    gpu_uuids: list[str]
+    # Simulated GPUs have no device to hand to the container.
+    real_gpus: bool
+    pids_limit: int = 4096
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def explain(exc: Exception) -> str:
+    """The engine's own words, without docker-py's URL-laden prefix."""
+    text = getattr(exc, "explanation", None) or str(exc) or type(exc).__name__
+    return str(text).strip()
+
+
+def _in_thread(fn: Callable[[], T]) -> "asyncio.Future[T]":
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def settle(result: T | None, error: BaseException | None) -> None:
+        if future.done():
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)  # type: ignore[arg-type]
+
+    def target() -> None:
+        try:
+            result = fn()
+        except BaseException as exc:
+            loop.call_soon_threadsafe(settle, None, exc)
+        else:
+            loop.call_soon_threadsafe(settle, result, None)
+
+    threading.Thread(target=target, daemon=True, name="docker-long-call").start()
+    return future
+
+
+class Containers:
+    def __init__(self, docker_host: str, timeout_s: float = 120.0) -> None:
+        try:
+            self.client = docker.DockerClient(
+                base_url=docker_host, timeout=int(timeout_s), max_pool_size=64
+            )
+        except DockerException as exc:
+            raise DaemonError(
+                f"cannot reach the container engine at {docker_host}: {explain(exc)}"
+            ) from None
+        self.docker_host = docker_host
+
+    async def ping(self) -> None:
+        try:
+            await asyncio.to_thread(self.client.ping)
+        except Exception as exc:
+            raise DaemonError(
+                f"cannot reach the container engine at {self.docker_host}: {explain(exc)}"
+            ) from None
+
+    def close(self) -> None:
+        self.client.close()
+
+    async def ensure_image(self, image: str) -> None:
+        """Uses the local image, else pulls it; a failure is the infrastructure's."""
+        try:
+            await asyncio.to_thread(self.client.images.get, image)
+            return
+        except ImageNotFound:
+            pass
+        except Exception as exc:
+            raise InfrastructureError(f"inspecting image {image!r}: {explain(exc)}") from None
+        repository, tag = parse_repository_tag(image)
+        try:
+            # A tag is always given: without one docker-py would pull every tag.
+            await asyncio.to_thread(self.client.images.pull, repository, tag=tag or "latest")
+        except Exception as exc:
+            raise InfrastructureError(
+                f"image {image!r} is not on this machine and pulling it failed: {explain(exc)}"
+            ) from None
+
+    async def create(self, spec: ContainerSpec) -> Container:
+        kwargs: dict[str, Any] = {
+            "name": spec.name,
+            "command": spec.command,
+            "environment": spec.env,
+            "labels": spec.labels,
+            "volumes": {
+                str(spec.inputs_dir): {"bind": "/inputs", "mode": "ro"},
+                str(spec.outputs_dir): {"bind": "/outputs", "mode": "rw"},
+            },
+            # A stranger's code on the owner's machine: no network, no privileges.
+            "network_mode": "none",
+            "cap_drop": ["ALL"],
+            "security_opt": ["no-new-privileges"],
+            # Podman on hosts without systemd refuses containers without explicit ulimits.
+            "ulimits": [
+                Ulimit(name="nofile", soft=1024, hard=1024),
+                Ulimit(name="nproc", soft=1024, hard=1024),
+            ],
+            "pids_limit": spec.pids_limit,
+            "detach": True,
+            **spec.extra,
+        }
+        if spec.real_gpus:
+            kwargs["device_requests"] = [
+                DeviceRequest(driver="nvidia", device_ids=spec.gpu_uuids, capabilities=[["gpu"]])
+            ]
+        try:
+            return await asyncio.to_thread(self.client.containers.create, spec.image, **kwargs)
+        except APIError as exc:
+            if exc.status_code != 409:
+                raise InfrastructureError(f"creating the container: {explain(exc)}") from None
+        # A leftover of this very attempt (a crash before its removal): replace it.
+        await self.remove_by_name(spec.name)
+        try:
+            return await asyncio.to_thread(self.client.containers.create, spec.image, **kwargs)
+        except Exception as exc:
+            raise InfrastructureError(f"creating the container: {explain(exc)}") from None
+
+    async def start(self, container: Container) -> None:
+        await asyncio.to_thread(container.start)
+
+    def wait(self, container: Container) -> "asyncio.Future[int]":
+        """Resolves to the exit code once the container stops."""
+
+        def call() -> int:
+            return int(container.wait()["StatusCode"])
+
+        return _in_thread(call)
+
+    def stream_logs(
+        self, container: Container, on_chunk: Callable[[bytes | None], None]
+    ) -> "asyncio.Future[None]":
+        """Calls `on_chunk` (from its thread) with each output chunk, then with None."""
+
+        def call() -> None:
+            try:
+                stream: Iterator[bytes] = container.logs(stream=True, follow=True)
+                for chunk in stream:
+                    on_chunk(chunk)
+            finally:
+                on_chunk(None)
+
+        return _in_thread(call)
+
+    async def stop(self, container: Container, grace_s: float) -> None:
+        """SIGTERM, then SIGKILL after `grace_s`."""
+        try:
+            await asyncio.to_thread(container.stop, timeout=max(1, round(grace_s)))
+        except NotFound:
+            pass
+
+    async def remove(self, container: Container) -> None:
+        try:
+            await asyncio.to_thread(container.remove, force=True, v=True)
+        except NotFound:
+            pass
+
+    async def remove_by_name(self, name: str) -> None:
+        try:
+            container = await asyncio.to_thread(self.client.containers.get, name)
+        except NotFound:
+            return
+        await self.remove(container)
+
+    async def list_ours(self, provider_id: str) -> list[Container]:
+        """Containers this provider started, running or not (leftovers of a crash)."""
+        return await asyncio.to_thread(
+            self.client.containers.list,
+            all=True,
+            filters={"label": f"{LABEL_PROVIDER}={provider_id}"},
+        )

@@ -1,0 +1,106 @@
+"""Enrollment: trade a join token for a provider identity over the gateway's HTTP API."""
+
+import json
+import math
+from typing import Any
+
+import httpx
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from provider_daemon.errors import JoinError
+from provider_daemon.gpus import Inventory
+
+DEFAULT_PRICE_USD_PER_GPU_HOUR = 0.5
+
+
+class JoinResponse(BaseModel):
+    # A response from a newer gateway may carry more; the daemon takes what it knows.
+    model_config = ConfigDict(extra="ignore")
+
+    provider_id: str
+    credential: str
+    nats_url: str
+    heartbeat_interval_s: float
+
+
+def parse_prices(items: list[str], inventory: Inventory) -> dict[str, float]:
+    """Turns ["MODEL=USD", ...] into a price for every model here (default 0.5 USD/GPU-hour)."""
+    models = sorted({g.model for g in inventory.gpus})
+    prices = dict.fromkeys(models, DEFAULT_PRICE_USD_PER_GPU_HOUR)
+    for item in items:
+        model, sep, value = item.rpartition("=")
+        model = model.strip()
+        if not sep or not model:
+            raise JoinError(f"--price: {item!r} is not MODEL=USD_PER_GPU_HOUR")
+        try:
+            price = float(value)
+        except ValueError:
+            raise JoinError(f"--price: {value!r} in {item!r} is not a number") from None
+        if not math.isfinite(price) or price < 0:
+            raise JoinError(f"--price: {item!r} must be a non-negative number")
+        match = next((m for m in models if m.lower() == model.lower()), None)
+        if match is None:
+            raise JoinError(
+                f"--price: no GPU of model {model!r} on this machine (models: {', '.join(models)})"
+            )
+        prices[match] = price
+    return prices
+
+
+def build_join_request(
+    *,
+    token: str,
+    machine_id: str,
+    name: str,
+    region: str | None,
+    inventory: Inventory,
+    prices: dict[str, float],
+) -> dict[str, Any]:
+    return {
+        "token": token,
+        "machine_id": machine_id,
+        "name": name,
+        "region": region,
+        "simulated": inventory.simulated,
+        "driver_version": inventory.driver_version,
+        "cuda_version": inventory.cuda_version,
+        "gpus": [
+            {
+                "uuid": g.uuid,
+                "index": g.index,
+                "model": g.model,
+                "vram_mb": g.vram_mb,
+                "compute_capability": g.compute_capability,
+            }
+            for g in inventory.gpus
+        ],
+        "prices": prices,
+    }
+
+
+def _detail(response: httpx.Response) -> str:
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text.strip()[:300] or response.reason_phrase
+    detail = body.get("detail") if isinstance(body, dict) else None
+    if detail is None:
+        return json.dumps(body)[:300]
+    return detail if isinstance(detail, str) else json.dumps(detail)[:300]
+
+
+async def join(api_url: str, body: dict[str, Any], timeout_s: float = 30.0) -> JoinResponse:
+    """POSTs /v1/providers/join; raises JoinError with the server's own words on failure."""
+    url = api_url.rstrip("/") + "/v1/providers/join"
+    try:
+        async with httpx.AsyncClient(timeout=timeout_s) as client:
+            response = await client.post(url, json=body)
+    except httpx.HTTPError as exc:
+        raise JoinError(f"join failed: cannot reach {url}: {exc or type(exc).__name__}") from None
+    if response.status_code not in (200, 201):
+        raise JoinError(f"join failed: {_detail(response)} (HTTP {response.status_code})")
+    try:
+        return JoinResponse.model_validate_json(response.content)
+    except ValidationError as exc:
+        problem = exc.errors()[0]["msg"]
+        raise JoinError(f"join failed: unexpected response from {url}: {problem}") from None

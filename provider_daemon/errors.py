@@ -1,0 +1,25 @@
+"""Errors the CLI turns into one clear line and a non-zero exit code."""
+
+
+class DaemonError(Exception):
+    """A failure the GPU owner can act on; its message is shown as is."""
+
+
+class NvmlUnavailable(DaemonError):
+    pass
+
+
+class SimulateSpecError(DaemonError):
+    pass
+
+
+class ConfigError(DaemonError):
+    pass
+
+
+class JoinError(DaemonError):
+    pass
+
+
+class InfrastructureError(Exception):
+    """A job attempt failed because of the platform or this machine, not the user's code."""

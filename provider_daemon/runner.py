@@ -1,0 +1,286 @@
+"""One job attempt from assignment to `finished`: inputs, container, logs, outputs, cleanup.
+
+A TaskRun never raises: whatever goes wrong ends as a `finished` event whose outcome
+says whose fault it was, and the container and work dir are always removed.
+"""
+
+import asyncio
+import concurrent.futures
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from docker.errors import APIError
+from docker.models.containers import Container
+
+from common.messages import JobEvent, OutputFile, TaskAssignment
+from provider_daemon.agent_api import AgentApi
+from provider_daemon.containers import (
+    LABEL_ATTEMPT,
+    LABEL_JOB,
+    LABEL_PROVIDER,
+    Containers,
+    ContainerSpec,
+    explain,
+)
+from provider_daemon.errors import InfrastructureError
+from provider_daemon.logstream import LogPump
+from provider_daemon.publisher import Publisher
+from provider_daemon.workspace import (
+    JobDir,
+    create_job_dir,
+    remove_job_dir,
+    safe_input_path,
+    scan_outputs,
+)
+
+log = logging.getLogger(__name__)
+
+Outcome = Literal["exited", "timed_out", "cancelled", "infrastructure"]
+StopOutcome = Literal["cancelled", "infrastructure"]
+# How long the log stream may lag behind the container's exit before we stop waiting.
+LOG_DRAIN_S = 10.0
+
+
+@dataclass
+class RunnerDeps:
+    """What every job attempt of this daemon shares."""
+
+    provider_id: str
+    publisher: Publisher
+    containers: Containers
+    agent: AgentApi
+    work_dir: Path
+    real_gpus: bool
+    stop_grace_s: float = 10.0
+
+
+@dataclass
+class Result:
+    outcome: Outcome
+    exit_code: int | None = None
+    reason: str | None = None
+
+
+class _Stopped(Exception):
+    """The platform or the daemon asked this attempt to stop before its container ran."""
+
+
+def _start_failure_exit_code(exc: Exception) -> int | None:
+    # Like `docker run`: a command that cannot be executed is the user's error (126/127),
+    # not the machine's.
+    text = explain(exc).lower()
+    if "executable file not found" in text or "no such file or directory" in text:
+        return 127
+    if "permission denied" in text:
+        return 126
+    return None
+
+
+class TaskRun:
+    def __init__(self, deps: RunnerDeps, task: TaskAssignment) -> None:
+        self.deps = deps
+        self.task = task
+        self.log = logging.LoggerAdapter(log, {"job_id": task.job_id, "attempt": task.attempt})
+        self._stop_requested = asyncio.Event()
+        self._stop_outcome: StopOutcome = "cancelled"
+        self._stop_reason = "cancelled"
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return (self.task.job_id, self.task.attempt)
+
+    def request_stop(self, outcome: StopOutcome, reason: str) -> None:
+        """Stops the attempt (its container, or its preparation); the first request wins."""
+        if not self._stop_requested.is_set():
+            self._stop_outcome, self._stop_reason = outcome, reason
+            self._stop_requested.set()
+
+    async def run(self) -> JobEvent | None:
+        """Runs the attempt and publishes `started` and `finished`; returns the finished event
+        (None if NATS stayed unreachable)."""
+        task = self.task
+        job: JobDir | None = None
+        container: Container | None = None
+        pump: LogPump | None = None
+        outputs: list[OutputFile] = []
+        try:
+            job = await asyncio.to_thread(
+                create_job_dir, self.deps.work_dir, task.job_id, task.attempt
+            )
+            await self._until_stopped(self._prepare(job))
+            container = await self.deps.containers.create(self._spec(job))
+            pump = LogPump(task.job_id, task.attempt, job.log_file, self.deps.publisher.logs)
+            result = await self._run_container(container, pump)
+            if result.outcome != "infrastructure":
+                result, outputs = await self._upload(job, result)
+        except _Stopped:
+            result = Result(self._stop_outcome, reason=self._stop_reason)
+        except InfrastructureError as exc:
+            result = Result("infrastructure", reason=str(exc))
+        except Exception as exc:
+            self.log.exception("job attempt failed in the daemon")
+            result = Result("infrastructure", reason=f"provider daemon error: {explain(exc)}")
+        finally:
+            await self._cleanup(container, job)
+        if result.outcome == "infrastructure":
+            self.log.warning("job attempt failed: %s", result.reason)
+        self.log.info("job attempt finished: %s (exit code %s)", result.outcome, result.exit_code)
+        return await self.deps.publisher.event(
+            task.job_id,
+            task.attempt,
+            "finished",
+            exit_code=result.exit_code,
+            outcome=result.outcome,
+            reason=result.reason,
+            log_tail=(pump.tail() or None) if pump else None,
+            outputs=outputs,
+        )
+
+    async def _until_stopped(self, work: Any) -> None:
+        """Awaits `work`, abandoning it if a stop is requested meanwhile."""
+        job = asyncio.ensure_future(work)
+        stop = asyncio.ensure_future(self._stop_requested.wait())
+        try:
+            await asyncio.wait({job, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+        if not job.done():
+            job.cancel()
+            await asyncio.gather(job, return_exceptions=True)
+            raise _Stopped
+        job.result()
+        if self._stop_requested.is_set():
+            raise _Stopped
+
+    async def _prepare(self, job: JobDir) -> None:
+        task = self.task
+        if task.inputs:
+            files = await self.deps.agent.list_inputs(task.job_id, task.attempt)
+            for item in files:
+                dest = safe_input_path(job.inputs, item.path)
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                await self.deps.agent.download(item.download_url, dest, item.size)
+            self.log.info("fetched %d input files", len(files))
+        await self.deps.containers.ensure_image(task.image)
+
+    def _spec(self, job: JobDir) -> ContainerSpec:
+        task = self.task
+        env = dict(task.env)
+        # The platform's variables win over the job's.
+        # "void" rather than empty: CUDA images default to "all", and under some runtimes
+        # an empty value exposes every GPU.
+        env["NVIDIA_VISIBLE_DEVICES"] = ",".join(task.gpu_uuids) or "void"
+        env["GPUMARKET_JOB_ID"] = task.job_id
+        return ContainerSpec(
+            name=f"gpumarket-{task.job_id}-{task.attempt}",
+            image=task.image,
+            command=task.command,
+            env=env,
+            labels={
+                LABEL_JOB: task.job_id,
+                LABEL_ATTEMPT: str(task.attempt),
+                LABEL_PROVIDER: self.deps.provider_id,
+            },
+            inputs_dir=job.inputs,
+            outputs_dir=job.outputs,
+            gpu_uuids=task.gpu_uuids,
+            real_gpus=self.deps.real_gpus and bool(task.gpu_uuids),
+        )
+
+    async def _run_container(self, container: Container, pump: LogPump) -> Result:
+        task, containers = self.task, self.deps.containers
+        try:
+            await containers.start(container)
+        except APIError as exc:
+            code = _start_failure_exit_code(exc)
+            if code is None:
+                raise InfrastructureError(f"starting the container: {explain(exc)}") from None
+            await pump.put(f"cannot run the command: {explain(exc)}\n".encode())
+            await pump.put(None)
+            await pump.run()
+            return Result("exited", exit_code=code, reason=explain(exc))
+        self.log.info("container started: %s", task.image)
+        await self.deps.publisher.event(task.job_id, task.attempt, "started")
+
+        loop = asyncio.get_running_loop()
+        abandoned = False
+
+        def on_chunk(chunk: bytes | None) -> None:
+            # From the log thread: wait for room in the pump's queue (backpressure), but
+            # never forever in case the pump is gone.
+            nonlocal abandoned
+            if abandoned:
+                return
+            try:
+                asyncio.run_coroutine_threadsafe(pump.put(chunk), loop).result(timeout=60)
+            except (concurrent.futures.TimeoutError, RuntimeError):
+                abandoned = True
+
+        pump_task = asyncio.create_task(pump.run())
+        stream = containers.stream_logs(container, on_chunk)
+        waiting = containers.wait(container)
+        stop = asyncio.ensure_future(self._stop_requested.wait())
+        watched: set[asyncio.Future[Any]] = {waiting, stop}
+        try:
+            done, _ = await asyncio.wait(
+                watched, timeout=task.max_duration_s, return_when=asyncio.FIRST_COMPLETED
+            )
+            if waiting in done:
+                result = Result("exited", exit_code=waiting.result())
+            else:
+                if stop in done:
+                    result = Result(self._stop_outcome, reason=self._stop_reason)
+                else:
+                    result = Result("timed_out", reason=f"ran longer than {task.max_duration_s} s")
+                self.log.info("stopping the container: %s", result.reason)
+                await containers.stop(container, self.deps.stop_grace_s)
+                result.exit_code = await asyncio.wait_for(waiting, self.deps.stop_grace_s + 30)
+            await asyncio.wait({pump_task}, timeout=LOG_DRAIN_S)
+            return result
+        finally:
+            stop.cancel()
+            if not pump_task.done():
+                pump_task.cancel()
+            await asyncio.gather(pump_task, return_exceptions=True)
+            # Both threads end when the container is removed; nobody waits for them.
+            waiting.cancel()
+            stream.cancel()
+
+    async def _upload(self, job: JobDir, result: Result) -> tuple[Result, list[OutputFile]]:
+        """Uploads outputs and the log. If that fails, a job that ran to its end is the
+        infrastructure's failure (its results are lost); a stopped one keeps its outcome."""
+        task, agent = self.task, self.deps.agent
+        try:
+            files, skipped = await asyncio.to_thread(scan_outputs, job.outputs)
+            if skipped:
+                self.log.warning("skipped outputs that are not regular files: %s", skipped)
+            plan = await agent.plan_outputs(task.job_id, task.attempt, files)
+            targets = {u.path: u.upload_url for u in plan.uploads}
+            for file in files:
+                if file.path not in targets:
+                    raise InfrastructureError(f"no upload URL for output {file.path!r}")
+                await agent.upload(targets[file.path], job.outputs / file.path)
+            await agent.upload(plan.log_upload_url, job.log_file, "text/plain")
+        except InfrastructureError as exc:
+            reason = f"uploading results failed: {exc}"
+            if result.outcome == "exited":
+                return Result("infrastructure", result.exit_code, reason), []
+            self.log.warning("%s", reason)
+            return result, []
+        self.log.info("uploaded %d output files and the log", len(files))
+        return result, files
+
+    async def _cleanup(self, container: Container | None, job: JobDir | None) -> None:
+        # Shielded: a daemon being cancelled must still leave no container behind.
+        async def clean() -> None:
+            if container is not None:
+                try:
+                    await self.deps.containers.remove(container)
+                except Exception as exc:
+                    self.log.error("could not remove container: %s", explain(exc))
+            if job is not None:
+                await asyncio.to_thread(remove_job_dir, job)
+
+        await asyncio.shield(clean())

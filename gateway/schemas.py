@@ -1,12 +1,11 @@
 """HTTP bodies of the public API that are the gateway's own."""
 
 from datetime import datetime
-from decimal import Decimal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from common.messages import OutputFile
-from provider_registry.schemas import GpuSpec
+from provider_registry.schemas import MachineSpec
 from scheduler.schemas import relative_path
 
 
@@ -17,26 +16,8 @@ class FileCreateRequest(BaseModel):
     size: int = Field(ge=0)
 
 
-class JoinRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class JoinRequest(MachineSpec):
     token: str = Field(min_length=1, max_length=256)
-    machine_id: str = Field(min_length=1, max_length=64)
-    name: str = Field(min_length=1, max_length=128)
-    region: str | None = Field(default=None, max_length=64)
-    simulated: bool = False
-    driver_version: str | None = Field(default=None, max_length=64)
-    cuda_version: str | None = Field(default=None, max_length=32)
-    gpus: list[GpuSpec] = Field(min_length=1, max_length=64)
-    prices: dict[str, Decimal] = Field(default_factory=dict)
-
-    @field_validator("prices")
-    @classmethod
-    def _positive_prices(cls, prices: dict[str, Decimal]) -> dict[str, Decimal]:
-        for model, price in prices.items():
-            if price < 0:
-                raise ValueError(f"price for {model!r} must not be negative")
-        return prices
 
 
 class JoinResponse(BaseModel):

@@ -1,7 +1,7 @@
 from datetime import datetime
 from decimal import Decimal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class GpuSpec(BaseModel):
@@ -14,11 +14,11 @@ class GpuSpec(BaseModel):
     compute_capability: str | None = Field(default=None, max_length=16)
 
 
-class ProviderRegistration(BaseModel):
+class MachineSpec(BaseModel):
+    """What a daemon reports about its machine when it joins."""
+
     model_config = ConfigDict(extra="forbid")
 
-    provider_id: str
-    owner_id: str
     machine_id: str = Field(min_length=1, max_length=64)
     name: str = Field(min_length=1, max_length=128)
     region: str | None = Field(default=None, max_length=64)
@@ -27,6 +27,26 @@ class ProviderRegistration(BaseModel):
     cuda_version: str | None = Field(default=None, max_length=32)
     gpus: list[GpuSpec] = Field(min_length=1, max_length=64)
     prices: dict[str, Decimal] = Field(default_factory=dict)
+
+    @field_validator("prices")
+    @classmethod
+    def _positive_prices(cls, prices: dict[str, Decimal]) -> dict[str, Decimal]:
+        for model, price in prices.items():
+            if price < 0:
+                raise ValueError(f"price for {model!r} must not be negative")
+        return prices
+
+    @field_validator("gpus")
+    @classmethod
+    def _distinct_gpus(cls, gpus: list[GpuSpec]) -> list[GpuSpec]:
+        if len({g.uuid for g in gpus}) != len(gpus):
+            raise ValueError("two GPUs have the same uuid")
+        return gpus
+
+
+class ProviderRegistration(MachineSpec):
+    provider_id: str
+    owner_id: str
 
 
 class GpuOut(BaseModel):

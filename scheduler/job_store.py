@@ -3,12 +3,11 @@
 Functions take the session; the caller owns the transaction.
 """
 
-import uuid
-
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from common.errors import NotFound
+from common.ids import is_uuid
 from scheduler import states
 from scheduler.models import Job, JobOutput
 from scheduler.schemas import JobOut, JobSpec, Resources
@@ -49,7 +48,7 @@ async def create_job(session: AsyncSession, owner_id: str, spec: JobSpec) -> Job
 
 async def get_job(session: AsyncSession, job_id: str, owner_id: str | None = None) -> Job:
     """The job; someone else's job is 'not found', so ids can't be probed."""
-    job = await session.get(Job, job_id) if _is_uuid(job_id) else None
+    job = await session.get(Job, job_id) if is_uuid(job_id) else None
     if job is None or (owner_id is not None and job.owner_id != owner_id):
         raise NotFound(f"job {job_id} not found")
     return job
@@ -57,7 +56,7 @@ async def get_job(session: AsyncSession, job_id: str, owner_id: str | None = Non
 
 async def get_task(session: AsyncSession, job_id: str, provider_id: str, attempt: int) -> Job:
     """The job, if this attempt was sent to this provider; anything else is 'not found'."""
-    job = await session.get(Job, job_id) if _is_uuid(job_id) else None
+    job = await session.get(Job, job_id) if is_uuid(job_id) else None
     if job is None or job.provider_id != provider_id or job.attempt != attempt:
         raise NotFound(f"no task {job_id} attempt {attempt} for this provider")
     return job
@@ -122,11 +121,3 @@ def job_out(job: Job) -> JobOut:
         started_at=job.started_at,
         finished_at=job.finished_at,
     )
-
-
-def _is_uuid(value: str) -> bool:
-    try:
-        uuid.UUID(value)
-    except ValueError:
-        return False
-    return True

@@ -6,6 +6,7 @@ import uuid
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from common.errors import Invalid, NotFound
+from common.ids import is_uuid
 from storage_service.models import File
 from storage_service.s3 import ObjectStore
 from storage_service.schemas import FileOut, FileUpload
@@ -42,7 +43,7 @@ async def get_file(
     session: AsyncSession, store: ObjectStore, file_id: str, owner_id: str | None
 ) -> FileOut:
     """One file with a download URL; someone else's file is 'not found', never 'forbidden'."""
-    row = await session.get(File, file_id) if _is_uuid(file_id) else None
+    row = await session.get(File, file_id) if is_uuid(file_id) else None
     if row is None or (owner_id is not None and row.owner_id != owner_id):
         raise NotFound(f"file {file_id} not found", field="file_id")
     url, expires_at = await asyncio.to_thread(store.presign, "inputs", row.object_key, "GET")
@@ -53,11 +54,3 @@ async def get_file(
         download_url=url,
         expires_at=expires_at,
     )
-
-
-def _is_uuid(value: str) -> bool:
-    try:
-        uuid.UUID(value)
-    except ValueError:
-        return False
-    return True

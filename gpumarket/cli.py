@@ -2,12 +2,15 @@
 
 import signal
 import sys
+import tempfile
 from pathlib import Path
 from types import FrameType
 
 import typer
 from rich.console import Console
 
+from gpumarket.bench import run_jobs_bench
+from gpumarket.localstack.process import free_port
 from gpumarket.platform import DEFAULT_SIMULATED_GPUS, LocalPlatform
 from gpumarket.sample import dev_accounts, run_sample_job, start_local_provider
 
@@ -15,10 +18,26 @@ app = typer.Typer(
     help="GPU marketplace: run it locally, submit and follow jobs.", no_args_is_help=True
 )
 console = Console()
+bench_app = typer.Typer(help="Benchmarks that print figures (see BENCHMARKS.md).")
+app.add_typer(bench_app, name="bench")
 
 
 def _raise_interrupt(signum: int, _: FrameType | None) -> None:
     raise KeyboardInterrupt
+
+
+def start_everything(platform: LocalPlatform, console: Console) -> dict[str, dict[str, str]]:
+    """Servers, migrations, services and the local provider; returns the dev accounts."""
+    with console.status("starting NATS, PostgreSQL, S3 and podman") as status:
+        platform.start_servers()
+        status.update("migrating the database, preparing the sample image")
+        platform.prepare()
+        status.update("starting the services")
+        platform.start_services()
+        status.update("starting the local provider daemon")
+        accounts = dev_accounts(platform.data_dir)
+        start_local_provider(platform, accounts["provider"])
+    return accounts
 
 
 @app.command()
@@ -34,15 +53,7 @@ def up(
     signal.signal(signal.SIGTERM, _raise_interrupt)
     platform = LocalPlatform(data_dir=data_dir.resolve(), gateway_port=port, simulate=simulate)
     try:
-        with console.status("starting NATS, PostgreSQL, S3 and podman") as status:
-            platform.start_servers()
-            status.update("migrating the database, preparing the sample image")
-            platform.prepare()
-            status.update("starting the services")
-            platform.start_services()
-            status.update("starting the local provider daemon")
-            accounts = dev_accounts(platform.data_dir)
-            start_local_provider(platform, accounts["provider"])
+        accounts = start_everything(platform, console)
         console.print(
             f"[green]gpumarket ready[/] at {platform.gateway_url} "
             f"(OpenAPI at {platform.gateway_url}/docs; logs in {platform.log_dir}; "
@@ -70,6 +81,24 @@ def migrate(database_url: str = typer.Option(..., envvar="GPUMARKET_DATABASE_URL
 
     upgrade(database_url)
     console.print("database is up to date")
+
+
+@bench_app.command("jobs")
+def bench_jobs(
+    jobs: int = typer.Option(20, min=1, max=10_000, help="How many jobs to submit at once."),
+    simulate: str = typer.Option(
+        DEFAULT_SIMULATED_GPUS, help="Simulated GPUs of the local provider, MODEL:COUNT."
+    ),
+) -> None:
+    """Submits trivial jobs to a fresh local platform; prints latencies and throughput."""
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    with tempfile.TemporaryDirectory(prefix="gpumarket-bench-") as tmp:
+        platform = LocalPlatform(data_dir=Path(tmp), gateway_port=free_port(), simulate=simulate)
+        try:
+            accounts = start_everything(platform, console)
+            run_jobs_bench(platform.gateway_url, accounts["requester"], jobs, console)
+        finally:
+            platform.stop()
 
 
 def main() -> None:

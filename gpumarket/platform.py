@@ -4,6 +4,7 @@
 what the tests prove is what a developer runs.
 """
 
+import json
 import logging
 import os
 import secrets
@@ -66,12 +67,26 @@ class LocalPlatform:
     def start_servers(self) -> Servers:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.log_dir.mkdir(exist_ok=True)
-        nats = start_nats(self.data_dir / "nats")
-        postgres = start_postgres(self.data_dir / "postgres")
-        s3 = start_s3(self.data_dir / "s3")
+        nats = start_nats(self.data_dir / "nats", port=self.port("nats"))
+        postgres = start_postgres(self.data_dir / "postgres", port=self.port("postgres"))
+        s3 = start_s3(self.data_dir / "s3", port=self.port("s3"))
         podman = start_podman(self.data_dir / "podman")
         self.servers = Servers(nats, postgres, s3, podman)
         return self.servers
+
+    def port(self, name: str) -> int:
+        """The port of a part, the same on every start with this data dir.
+
+        A joined daemon's saved config and a developer's bookmarks name these ports, so a
+        restart must not move them.
+        """
+        path = self.data_dir / "ports.json"
+        if not self.ports and path.exists():
+            self.ports.update(json.loads(path.read_text()))
+        if name not in self.ports:
+            self.ports[name] = free_port()
+            path.write_text(json.dumps(self.ports, indent=2))
+        return self.ports[name]
 
     def prepare(self) -> None:
         """Migrations and the sample image: what must exist before the services start."""
@@ -114,7 +129,7 @@ class LocalPlatform:
 
     def start_services(self) -> None:
         for name in ("auth_service", "storage_service", "provider_registry", "scheduler"):
-            self.ports.setdefault(name, free_port())
+            self.port(name)
         self.ports["gateway"] = self.gateway_port
         env = self.service_env()
         for name in ("auth_service", "storage_service", "provider_registry", "gateway"):
@@ -156,7 +171,7 @@ class LocalPlatform:
         """Runs the local provider daemon: joins with the token, or resumes its saved config."""
         assert self.servers is not None
         config = self.data_dir / "provider.json"
-        self.ports.setdefault("provider_daemon", free_port())
+        self.port("provider_daemon")
         env = {**self.service_env(), "DOCKER_HOST": self.servers.podman.docker_host}
         common = ["--config", str(config), "--metrics-port", str(self.ports["provider_daemon"])]
         if config.exists():

@@ -44,7 +44,7 @@ REMEMBER_FINISHED = 10_000
 class Tuning:
     """Timings that tests shorten."""
 
-    fetch_timeout_s: float = 5.0
+    fetch_timeout_s: float = 2.0
     stop_grace_s: float = 10.0
     reconnect_wait_s: float = 2.0
     metrics_host: str = "127.0.0.1"

@@ -29,11 +29,18 @@ def _field_name(loc: tuple | list) -> str:
     return ".".join(parts) or "body"
 
 
+def _describe(error: dict) -> dict[str, str]:
+    if error.get("type") == "json_invalid":
+        # loc is ("body", <character position>): the body itself is what is wrong.
+        position = error.get("loc", ("body", "?"))[-1]
+        detail = error.get("ctx", {}).get("error", "malformed")
+        return {"field": "body", "reason": f"invalid JSON at character {position}: {detail}"}
+    reason = error.get("msg", "invalid").removeprefix("Value error, ")
+    return {"field": _field_name(error.get("loc", ())), "reason": reason}
+
+
 async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-    errors = [
-        {"field": _field_name(e.get("loc", ())), "reason": e.get("msg", "invalid")}
-        for e in exc.errors()
-    ]
+    errors = [_describe(e) for e in exc.errors()]
     first = errors[0] if errors else {"field": "body", "reason": "invalid"}
     return JSONResponse(
         status_code=status.HTTP_422_UNPROCESSABLE_CONTENT,

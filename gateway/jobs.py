@@ -11,6 +11,7 @@ from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from common import subjects
 from common.errors import Invalid
+from common.ids import is_uuid
 from common.messages import JobSubmitted, LogBatch
 from gateway.clients import ServiceClient, UpstreamError
 from scheduler import job_store, states
@@ -29,6 +30,8 @@ async def submit_job(
 ) -> JobOut:
     """Stores the job (it can't be lost once we answer 202), then publishes a wake-up."""
     for i, item in enumerate(spec.inputs):
+        if not is_uuid(item.file_id):
+            raise Invalid(f"file {item.file_id} not found", field=f"inputs.{i}.file_id")
         try:
             await storage.request(
                 "GET", f"/internal/files/{item.file_id}", params={"owner_id": owner_id}

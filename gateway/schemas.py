@@ -5,6 +5,7 @@ from datetime import datetime
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from common.messages import OutputFile
+from common.types import SafeStr
 from provider_registry.schemas import MachineSpec
 from scheduler.schemas import relative_path
 
@@ -12,7 +13,7 @@ from scheduler.schemas import relative_path
 class FileCreateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    filename: str = Field(min_length=1, max_length=255)
+    filename: SafeStr = Field(min_length=1, max_length=255)
     size: int = Field(ge=0)
 
 

@@ -3,15 +3,17 @@ from decimal import Decimal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from common.types import Price, SafeStr
+
 
 class GpuSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    uuid: str = Field(min_length=1, max_length=96)
+    uuid: SafeStr = Field(min_length=1, max_length=96)
     index: int = Field(ge=0)
-    model: str = Field(min_length=1, max_length=128)
+    model: SafeStr = Field(min_length=1, max_length=128)
     vram_mb: int = Field(gt=0)
-    compute_capability: str | None = Field(default=None, max_length=16)
+    compute_capability: SafeStr | None = Field(default=None, max_length=16)
 
 
 class MachineSpec(BaseModel):
@@ -19,22 +21,14 @@ class MachineSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    machine_id: str = Field(min_length=1, max_length=64)
-    name: str = Field(min_length=1, max_length=128)
-    region: str | None = Field(default=None, max_length=64)
+    machine_id: SafeStr = Field(min_length=1, max_length=64)
+    name: SafeStr = Field(min_length=1, max_length=128)
+    region: SafeStr | None = Field(default=None, max_length=64)
     simulated: bool = False
-    driver_version: str | None = Field(default=None, max_length=64)
-    cuda_version: str | None = Field(default=None, max_length=32)
+    driver_version: SafeStr | None = Field(default=None, max_length=64)
+    cuda_version: SafeStr | None = Field(default=None, max_length=32)
     gpus: list[GpuSpec] = Field(min_length=1, max_length=64)
-    prices: dict[str, Decimal] = Field(default_factory=dict)
-
-    @field_validator("prices")
-    @classmethod
-    def _positive_prices(cls, prices: dict[str, Decimal]) -> dict[str, Decimal]:
-        for model, price in prices.items():
-            if price < 0:
-                raise ValueError(f"price for {model!r} must not be negative")
-        return prices
+    prices: dict[SafeStr, Price] = Field(default_factory=dict)
 
     @field_validator("gpus")
     @classmethod
@@ -45,8 +39,8 @@ class MachineSpec(BaseModel):
 
 
 class ProviderRegistration(MachineSpec):
-    provider_id: str
-    owner_id: str
+    provider_id: SafeStr
+    owner_id: SafeStr
 
 
 class GpuOut(BaseModel):

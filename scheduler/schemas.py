@@ -7,6 +7,8 @@ from pathlib import PurePosixPath
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from common.types import SafeStr
+
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 MAX_DURATION_S = 7 * 24 * 3600
 
@@ -23,14 +25,14 @@ class Resources(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     gpus: int = Field(default=1, ge=1, le=16)
-    gpu_models: list[str] | None = Field(default=None, min_length=1, max_length=16)
+    gpu_models: list[SafeStr] | None = Field(default=None, min_length=1, max_length=16)
     min_vram_gb: float | None = Field(default=None, gt=0, le=1024)
 
 
 class JobInput(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    file_id: str
+    file_id: SafeStr
     path: str = Field(max_length=1024)
 
     _path = field_validator("path")(classmethod(lambda cls, v: relative_path(v)))
@@ -39,9 +41,9 @@ class JobInput(BaseModel):
 class JobSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    image: str = Field(min_length=1, max_length=512)
-    command: list[str] = Field(min_length=1, max_length=256)
-    env: dict[str, str] = Field(default_factory=dict, max_length=256)
+    image: SafeStr = Field(min_length=1, max_length=512)
+    command: list[SafeStr] = Field(min_length=1, max_length=256)
+    env: dict[SafeStr, SafeStr] = Field(default_factory=dict, max_length=256)
     resources: Resources = Field(default_factory=Resources)
     inputs: list[JobInput] = Field(default_factory=list, max_length=256)
     max_price_per_gpu_hour: Decimal | None = Field(

@@ -3,10 +3,12 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from common.types import SafeStr
+
 
 class FileCreate(BaseModel):
     owner_id: str
-    filename: str = Field(min_length=1, max_length=255)
+    filename: SafeStr = Field(min_length=1, max_length=255)
     size: int = Field(ge=0)
 
 

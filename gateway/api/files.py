@@ -1,5 +1,7 @@
 from fastapi import APIRouter, Depends, status
 
+from common.errors import NotFound
+from common.ids import is_uuid
 from gateway.api import deps
 from gateway.clients import ServiceClient
 from gateway.schemas import FileCreateRequest
@@ -27,6 +29,8 @@ async def get_file(
     principal: Principal = Depends(require("requester")),
     storage: ServiceClient = Depends(deps.storage),
 ) -> dict:
+    if not is_uuid(file_id):
+        raise NotFound(f"file {file_id} not found")
     return await storage.request(
         "GET", f"/internal/files/{file_id}", params={"owner_id": principal.id}
     )

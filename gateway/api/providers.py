@@ -3,6 +3,7 @@ from decimal import Decimal
 from fastapi import APIRouter, Depends, Query, Request, status
 
 from auth_service.schemas import JoinTokenOut
+from common.types import SafeStr
 from gateway.api import deps
 from gateway.clients import ServiceClient
 from gateway.schemas import JoinRequest, JoinResponse
@@ -71,9 +72,9 @@ async def list_providers(
 
 @router.get("/v1/offers", response_model=list[Offer])
 async def list_offers(
-    model: str | None = Query(default=None, max_length=128),
+    model: SafeStr | None = Query(default=None, max_length=128),
     min_vram_gb: float | None = Query(default=None, gt=0),
-    max_price: Decimal | None = Query(default=None, gt=0),
+    max_price: Decimal | None = Query(default=None, gt=0, le=100_000),
     _: Principal = Depends(current_principal),
     registry: ServiceClient = Depends(deps.registry),
 ) -> list[dict]:

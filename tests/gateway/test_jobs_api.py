@@ -178,6 +178,59 @@ class TestJobInputErrors:
         assert err.value.status_code == 404
 
 
+class TestMalformedRequests:
+    def test_invalid_json_is_422_on_the_body(self, platform, requester: Client) -> None:  # type: ignore[no-untyped-def]
+        response = httpx.post(
+            f"{platform.gateway_url}/v1/jobs",
+            content=b"{bad json",
+            headers={
+                "Authorization": f"Bearer {requester.token}",
+                "content-type": "application/json",
+            },
+        )
+        assert response.status_code == 422
+        assert response.json()["errors"][0]["field"] == "body"
+        assert "invalid JSON" in response.json()["detail"]
+
+    @pytest.mark.parametrize(
+        ("method", "path", "kwargs", "status", "field"),
+        [
+            ("POST", "/v1/files", {"json": {"filename": "a\x00b", "size": 1}}, 422, "filename"),
+            ("POST", "/v1/files", {"json": {"filename": "a/b", "size": 1}}, 422, "filename"),
+            ("GET", "/v1/files/%00", {}, 404, None),
+            ("GET", "/v1/offers", {"params": {"max_price": "1e999"}}, 422, "max_price"),
+            ("GET", "/v1/offers", {"params": {"model": "\x00"}}, 422, "model"),
+            ("GET", "/v1/jobs", {"params": {"status": "bogus"}}, 422, "status"),
+        ],
+    )
+    def test_odd_input_is_4xx(self, requester: Client, method, path, kwargs, status, field) -> None:  # type: ignore[no-untyped-def]
+        with pytest.raises(ApiError) as err:
+            requester.request(method, path, **kwargs)
+        assert err.value.status_code == status
+        if field:
+            assert field in [e["field"] for e in err.value.body["errors"]]
+
+    @pytest.mark.parametrize(
+        ("change", "field"),
+        [
+            ({"prices": {"L4": 1e30}}, "prices.L4"),
+            ({"machine_id": "m\x00"}, "machine_id"),
+            ({"gpus": []}, "gpus"),
+        ],
+    )
+    def test_bad_join_is_422(self, platform, change, field) -> None:  # type: ignore[no-untyped-def]
+        body = {
+            "token": "t",
+            "machine_id": "m",
+            "name": "n",
+            "gpus": [{"uuid": "u", "index": 0, "model": "L4", "vram_mb": 1}],
+            **change,
+        }
+        response = httpx.post(f"{platform.gateway_url}/v1/providers/join", json=body)
+        assert response.status_code == 422
+        assert field in [e["field"] for e in response.json()["errors"]]
+
+
 class TestJobAccess:
     def test_no_token_is_401(self, platform) -> None:  # type: ignore[no-untyped-def]
         response = httpx.get(f"{platform.gateway_url}/v1/jobs")

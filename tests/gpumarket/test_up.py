@@ -17,9 +17,19 @@ from gpumarket.localstack.process import free_port
 def start_up(data_dir: Path, port: int, *args: str) -> tuple[subprocess.Popen, Path]:
     out = data_dir.parent / f"up-{time.monotonic_ns()}.out"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "gpumarket.cli", "up", "--port", str(port),
-         "--data-dir", str(data_dir), *args],
-        stdout=out.open("wb"), stderr=subprocess.STDOUT,
+        [
+            sys.executable,
+            "-m",
+            "gpumarket.cli",
+            "up",
+            "--port",
+            str(port),
+            "--data-dir",
+            str(data_dir),
+            *args,
+        ],
+        stdout=out.open("wb"),
+        stderr=subprocess.STDOUT,
     )
     return proc, out
 

@@ -104,25 +104,34 @@ async def release(session: AsyncSession, job_id: str) -> int:
     return result.rowcount or 0
 
 
-async def _machines_with(session: AsyncSession, request: GpuRequest) -> int:
+async def _machines_with(
+    session: AsyncSession, request: GpuRequest, avoid: list[str] | None = None
+) -> int:
     per_machine = (
         select(Gpu.provider_id)
-        .where(and_(true(), *_matching(request)))
+        .where(and_(true(), *_matching(request)), Gpu.provider_id.not_in(avoid or []))
         .group_by(Gpu.provider_id)
         .having(func.count() >= request.count)
     )
     return await session.scalar(select(func.count()).select_from(per_machine.subquery())) or 0
 
 
-async def why_unplaceable(session: AsyncSession, request: GpuRequest) -> str | None:
+async def why_unplaceable(
+    session: AsyncSession, request: GpuRequest, avoid: list[str] | None = None
+) -> str | None:
     """Why no machine in the fleet could ever run this request; None if some machine could.
 
     Looks at every known machine whatever its state or load: a job that fits a busy or
     offline machine is waiting, not impossible. Constraints are added one at a time so
     the reason names the first one that nothing satisfies.
     """
-    if await _machines_with(session, request):
+    if await _machines_with(session, request, avoid):
         return None
+    if avoid and await _machines_with(session, request):
+        return (
+            "every machine that could run it already failed this job with an "
+            "infrastructure fault; waiting for another provider"
+        )
     probe = GpuRequest(count=1, allow_simulated=request.allow_simulated)
     if not await _machines_with(session, probe):
         return "no provider in the fleet has any GPU" + (

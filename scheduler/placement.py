@@ -54,7 +54,10 @@ async def place_job(
     request = gpu_request(job, allow_simulated)
     reservation = await capacity.reserve(session, job.id, request, avoid=job.avoid_providers)
     if reservation is None:
-        reason = await capacity.why_unplaceable(session, request) or WAITING_FOR_CAPACITY
+        reason = (
+            await capacity.why_unplaceable(session, request, job.avoid_providers)
+            or WAITING_FOR_CAPACITY
+        )
         if job.waiting_reason != reason:
             job.waiting_reason = reason
         return None

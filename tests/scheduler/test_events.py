@@ -122,6 +122,7 @@ class TestApplyEvent:
         # The only machine is the one it failed on: it is not chosen again.
         async with db.begin() as session:
             assert await placement.place_job(session, job_id, allow_simulated=False) is None
+        assert "already failed this job" in (await load(db, job_id)).waiting_reason
         async with db.begin() as session:
             other = await create_provider(session, gpus=1)
         async with db.begin() as session:

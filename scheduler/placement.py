@@ -5,6 +5,7 @@ holds it is placing it), reserve GPUs through the registry's capacity module in 
 same transaction, commit, then publish the task outside the transaction.
 """
 
+from dataclasses import dataclass
 from decimal import Decimal
 
 from sqlalchemy import func, select
@@ -40,9 +41,13 @@ async def queued_job_ids(session: AsyncSession, limit: int) -> list[str]:
     return list((await session.scalars(query)).all())
 
 
-async def place_job(
-    session: AsyncSession, job_id: str, allow_simulated: bool
-) -> TaskAssignment | None:
+@dataclass(frozen=True)
+class Placement:
+    provider_id: str
+    task: TaskAssignment
+
+
+async def place_job(session: AsyncSession, job_id: str, allow_simulated: bool) -> Placement | None:
     """Reserves GPUs for a queued job and marks it assigned; None if it must wait."""
     job = await session.scalar(
         select(Job)
@@ -68,7 +73,7 @@ async def place_job(
     job.price_per_gpu_hour = reservation.price_per_gpu_hour
     job.assigned_at = func.now()
     await session.flush()
-    return TaskAssignment(
+    task = TaskAssignment(
         job_id=job.id,
         attempt=job.attempt,
         image=job.image,
@@ -78,6 +83,7 @@ async def place_job(
         inputs=[TaskInput(**i) for i in job.inputs],
         max_duration_s=job.max_duration_s,
     )
+    return Placement(provider_id=reservation.provider_id, task=task)
 
 
 async def unassign(session: AsyncSession, job_id: str, attempt: int, reason: str) -> None:

@@ -28,7 +28,7 @@ from common.db import check_database, make_engine, make_sessionmaker
 from common.embedded_server import EmbeddedServer
 from common.http import install_common
 from common.logging import configure_logging
-from common.messages import JobEvent, TaskAssignment
+from common.messages import JobEvent
 from common.streams import ensure_streams
 from scheduler import placement, states
 from scheduler.events import apply_event
@@ -83,17 +83,13 @@ class Scheduler:
             )
         for job_id in job_ids:
             async with self.sessionmaker.begin() as session:
-                task = await placement.place_job(session, job_id, self.settings.simulated_allowed)
-            if task is not None:
-                await self._dispatch(task)
+                placed = await placement.place_job(session, job_id, self.settings.simulated_allowed)
+            if placed is not None:
+                await self._dispatch(placed)
         PASS_SECONDS.observe(time.perf_counter() - started)
 
-    async def _dispatch(self, task: TaskAssignment) -> None:
-        async with self.sessionmaker() as session:
-            job = await session.get(Job, task.job_id)
-            provider_id = job.provider_id if job else None
-        if provider_id is None:
-            return
+    async def _dispatch(self, placed: placement.Placement) -> None:
+        task, provider_id = placed.task, placed.provider_id
         try:
             await self.js.publish(
                 subjects.tasks_subject(provider_id),

@@ -24,8 +24,9 @@ async def placed_job(db: async_sessionmaker, retries: int = 2):  # type: ignore[
             JobSpec(image="i", command=["true"], max_duration_s=60, retries=retries),
         )
     async with db.begin() as session:
-        task = await placement.place_job(session, job.id, allow_simulated=False)
-    assert task is not None and task.gpu_uuids == [provider.gpus[0].uuid]
+        placed = await placement.place_job(session, job.id, allow_simulated=False)
+    assert placed is not None and placed.provider_id == provider.id
+    assert placed.task.gpu_uuids == [provider.gpus[0].uuid]
     return job.id, provider.id
 
 
@@ -126,8 +127,8 @@ class TestApplyEvent:
         async with db.begin() as session:
             other = await create_provider(session, gpus=1)
         async with db.begin() as session:
-            task = await placement.place_job(session, job_id, allow_simulated=False)
-        assert task is not None and task.attempt == 1
+            placed = await placement.place_job(session, job_id, allow_simulated=False)
+        assert placed is not None and placed.task.attempt == 1 and placed.provider_id == other.id
         await apply(
             db,
             event(

@@ -3,7 +3,8 @@
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
+from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from common.db import check_database, make_engine, make_sessionmaker
 from common.http import install_common
@@ -11,6 +12,12 @@ from common.logging import configure_logging
 from common.settings import ServiceSettings
 
 Hook = Callable[[FastAPI], Awaitable[None]]
+HealthCheck = Callable[[FastAPI], Awaitable[None]]
+
+
+def get_sessionmaker(request: Request) -> async_sessionmaker:
+    """Route dependency: the sessionmaker of the service's database."""
+    return request.app.state.sessionmaker
 
 
 def create_service_app(
@@ -18,9 +25,13 @@ def create_service_app(
     settings: ServiceSettings,
     on_startup: Hook | None = None,
     on_shutdown: Hook | None = None,
+    health: HealthCheck | None = None,
     **fastapi_kwargs: object,
 ) -> FastAPI:
-    """A FastAPI app with app.state.settings/engine/sessionmaker, /healthz and /metrics."""
+    """A FastAPI app with app.state.settings/engine/sessionmaker, /healthz and /metrics.
+
+    /healthz checks the database, then `health` (what else the service depends on).
+    """
     configure_logging(name, settings.log_level)
 
     @asynccontextmanager
@@ -39,8 +50,16 @@ def create_service_app(
     app = FastAPI(title=name, lifespan=lifespan, **fastapi_kwargs)  # type: ignore[arg-type]
     app.state.settings = settings
 
-    async def health() -> None:
+    async def check() -> None:
         await check_database(app.state.engine)
+        if health is not None:
+            await health(app)
 
-    install_common(app, name, health)
+    install_common(app, name, check)
     return app
+
+
+async def nats_connected(app: FastAPI) -> None:
+    """A /healthz check for services that hold a NATS connection at app.state.nc."""
+    if not app.state.nc.is_connected:
+        raise RuntimeError("NATS disconnected")

@@ -4,7 +4,7 @@ import nats
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
-from common.service_app import create_service_app
+from common.service_app import create_service_app, nats_connected
 from common.streams import ensure_streams
 from gateway.api import agent, auth, files, jobs, providers
 from gateway.clients import ServiceClient
@@ -38,6 +38,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         settings,
         startup,
         shutdown,
+        health=nats_connected,
         description="GPU marketplace public API. Authenticate with `Authorization: Bearer`.",
         version="1",
     )

@@ -9,7 +9,6 @@ import logging
 import os
 import secrets
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from subprocess import Popen
@@ -19,7 +18,7 @@ import httpx
 from gpumarket.localstack.nats import NatsServer, start_nats
 from gpumarket.localstack.podman import PodmanService, ensure_sample_image, start_podman
 from gpumarket.localstack.postgres import PostgresServer, start_postgres
-from gpumarket.localstack.process import free_port, spawn, stop_process
+from gpumarket.localstack.process import free_port, spawn, stop_process, wait_until
 from gpumarket.localstack.s3 import S3Server, start_s3
 from migrations.runner import upgrade
 
@@ -41,7 +40,6 @@ class Servers:
 class ServiceProcess:
     name: str
     process: Popen
-    log_path: Path
     health_url: str | None = None
 
 
@@ -67,11 +65,19 @@ class LocalPlatform:
     def start_servers(self) -> Servers:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.log_dir.mkdir(exist_ok=True)
-        nats = start_nats(self.data_dir / "nats", port=self.port("nats"))
-        postgres = start_postgres(self.data_dir / "postgres", port=self.port("postgres"))
-        s3 = start_s3(self.data_dir / "s3", port=self.port("s3"))
-        podman = start_podman(self.data_dir / "podman")
-        self.servers = Servers(nats, postgres, s3, podman)
+        started: list = []
+        try:
+            for start in (
+                lambda: start_nats(self.data_dir / "nats", port=self.port("nats")),
+                lambda: start_postgres(self.data_dir / "postgres", port=self.port("postgres")),
+                lambda: start_s3(self.data_dir / "s3", port=self.port("s3")),
+                lambda: start_podman(self.data_dir / "podman"),
+            ):
+                started.append(start())
+        except BaseException:
+            _stop_servers(reversed(started))
+            raise
+        self.servers = Servers(*started)
         return self.servers
 
     def port(self, name: str) -> int:
@@ -125,7 +131,7 @@ class LocalPlatform:
         log_path = self.log_dir / f"{name}.log"
         process = spawn(name, argv, log_path, env=env)
         health = f"http://127.0.0.1:{port}/healthz" if port else None
-        self.processes.append(ServiceProcess(name, process, log_path, health))
+        self.processes.append(ServiceProcess(name, process, health))
 
     def start_services(self) -> None:
         for name in ("auth_service", "storage_service", "provider_registry", "scheduler"):
@@ -153,27 +159,25 @@ class LocalPlatform:
             self._wait_healthy(proc)
 
     def _wait_healthy(self, proc: ServiceProcess, timeout: float = 60.0) -> None:
-        if proc.health_url is None:
+        url = proc.health_url
+        if url is None:
             return
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if proc.process.poll() is not None:
-                raise RuntimeError(f"{proc.name} exited:\n{_tail(proc.log_path)}")
-            try:
-                if httpx.get(proc.health_url, timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError(f"{proc.name} not healthy after {timeout}s:\n{_tail(proc.log_path)}")
+        wait_until(
+            lambda: httpx.get(url, timeout=2).status_code == 200,
+            timeout,
+            proc.name,
+            proc.process,
+            interval=0.2,
+        )
 
     def start_provider(self, join_token: str | None) -> ServiceProcess:
         """Runs the local provider daemon: joins with the token, or resumes its saved config."""
         assert self.servers is not None
         config = self.data_dir / "provider.json"
-        self.port("provider_daemon")
-        env = {**self.service_env(), "DOCKER_HOST": self.servers.podman.docker_host}
-        common = ["--config", str(config), "--metrics-port", str(self.ports["provider_daemon"])]
+        metrics_port = self.port("provider_daemon")
+        # Like on a stranger's machine: no database, storage or internal credentials.
+        env = {**os.environ, "DOCKER_HOST": self.servers.podman.docker_host}
+        common = ["--config", str(config), "--metrics-port", str(metrics_port)]
         if config.exists():
             argv = [sys.executable, "-m", "provider_daemon", "run", *common]
         else:
@@ -198,7 +202,7 @@ class LocalPlatform:
                 self.servers.podman.docker_host,
                 *common,
             ]
-        self._spawn("provider_daemon", argv, env, self.ports["provider_daemon"])
+        self._spawn("provider_daemon", argv, env, metrics_port)
         proc = self.processes[-1]
         self._wait_healthy(proc)
         return proc
@@ -209,21 +213,14 @@ class LocalPlatform:
             stop_process(proc.process, timeout=20)
         self.processes.clear()
         if self.servers is not None and self.owns_servers:
-            for server in (
-                self.servers.podman,
-                self.servers.s3,
-                self.servers.nats,
-                self.servers.postgres,
-            ):
-                try:
-                    server.stop()
-                except Exception:
-                    log.exception("stopping a server failed")
+            s = self.servers
+            _stop_servers([s.podman, s.s3, s.nats, s.postgres])
             self.servers = None
 
 
-def _tail(path: Path, lines: int = 40) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
+def _stop_servers(servers) -> None:  # type: ignore[no-untyped-def]
+    for server in servers:
+        try:
+            server.stop()
+        except Exception:
+            log.exception("stopping a server failed")

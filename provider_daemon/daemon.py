@@ -20,6 +20,7 @@ from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
 from pydantic import Field, TypeAdapter, ValidationError
 
+from common.aio import wait_event
 from common.messages import Heartbeat, TaskAssignment, TaskCancel
 from common.subjects import TASKS_STREAM, heartbeat_subject, provider_durable, tasks_subject
 from provider_daemon import metrics
@@ -229,7 +230,7 @@ class Daemon:
                 )
             except (NatsError, TimeoutError) as exc:
                 log.warning("cannot subscribe to tasks (%s); retrying", _one_line(exc))
-                await _sleep_or_stop(stop, delay)
+                await wait_event(stop, delay)
                 delay = min(delay * 2, 30.0)
         return None
 
@@ -261,7 +262,7 @@ class Daemon:
                 continue
             except NatsError as exc:
                 log.warning("fetching tasks failed (%s); retrying", _one_line(exc))
-                await _sleep_or_stop(stop, delay + random.uniform(0, delay / 2))
+                await wait_event(stop, delay + random.uniform(0, delay / 2))
                 delay = min(delay * 2, 30.0)
                 continue
             delay = 1.0
@@ -376,14 +377,7 @@ class Daemon:
             except Exception as exc:
                 log.warning("heartbeat not sent: %s", _one_line(exc))
             # Jitter, so a fleet restarted together does not beat in lockstep.
-            await _sleep_or_stop(stop, interval * random.uniform(0.9, 1.1))
-
-
-async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:
-    try:
-        await asyncio.wait_for(stop.wait(), seconds)
-    except TimeoutError:
-        pass
+            await wait_event(stop, interval * random.uniform(0.9, 1.1))
 
 
 async def _settle(ack: Awaitable[object]) -> None:

@@ -3,23 +3,18 @@
 from decimal import Decimal
 
 from fastapi import APIRouter, Depends, Request, status
-from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from common import subjects
+from common.service_app import get_sessionmaker
 from provider_registry import service
 from provider_registry.schemas import Offer, ProviderOut, ProviderRegistration
 
 internal = APIRouter(prefix="/internal")
-
-
-def _db(request: Request) -> async_sessionmaker:
-    return request.app.state.sessionmaker
+Db = Depends(get_sessionmaker)
 
 
 @internal.post("/providers", status_code=status.HTTP_201_CREATED, response_model=ProviderOut)
-async def register_provider(
-    body: ProviderRegistration, request: Request, db=Depends(_db)
-) -> ProviderOut:
+async def register_provider(body: ProviderRegistration, request: Request, db=Db) -> ProviderOut:
     async with db.begin() as session:
         provider = await service.register_provider(session, body)
         out = service.provider_out(provider)
@@ -28,7 +23,7 @@ async def register_provider(
 
 
 @internal.get("/providers", response_model=list[ProviderOut])
-async def list_providers(owner_id: str | None = None, db=Depends(_db)) -> list[ProviderOut]:
+async def list_providers(owner_id: str | None = None, db=Db) -> list[ProviderOut]:
     async with db.begin() as session:
         return await service.list_providers(session, owner_id)
 
@@ -39,7 +34,7 @@ async def list_offers(
     model: str | None = None,
     min_vram_gb: float | None = None,
     max_price: Decimal | None = None,
-    db=Depends(_db),
+    db=Db,
 ) -> list[Offer]:
     async with db.begin() as session:
         return await service.list_offers(

@@ -6,7 +6,7 @@ import nats
 from fastapi import Depends, FastAPI
 
 from common.http import internal_auth_dependency
-from common.service_app import create_service_app
+from common.service_app import create_service_app, nats_connected
 from provider_registry.api import internal
 from provider_registry.heartbeats import HeartbeatIngest
 from provider_registry.settings import RegistrySettings
@@ -26,7 +26,9 @@ def create_app(settings: RegistrySettings | None = None) -> FastAPI:
         await app.state.ingest_task
         await app.state.nc.drain()
 
-    app = create_service_app("provider_registry", settings, startup, shutdown)
+    app = create_service_app(
+        "provider_registry", settings, startup, shutdown, health=nats_connected
+    )
     app.include_router(
         internal, dependencies=[Depends(internal_auth_dependency(settings.internal_token))]
     )

@@ -10,6 +10,7 @@ from pydantic import ValidationError
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from common import subjects
+from common.aio import wait_event
 from common.messages import Heartbeat
 from provider_registry import service
 from provider_registry.settings import RegistrySettings
@@ -66,12 +67,7 @@ class HeartbeatIngest:
         ticks = 0
         try:
             while not stop.is_set():
-                try:
-                    await asyncio.wait_for(
-                        stop.wait(), timeout=self.settings.heartbeat_flush_interval_s
-                    )
-                except TimeoutError:
-                    pass
+                await wait_event(stop, self.settings.heartbeat_flush_interval_s)
                 try:
                     await self.flush()
                     ticks += 1

@@ -24,6 +24,7 @@ from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from common import subjects
+from common.aio import wait_event
 from common.db import check_database, make_engine, make_sessionmaker
 from common.embedded_server import EmbeddedServer
 from common.http import install_common
@@ -60,10 +61,7 @@ class Scheduler:
 
     async def placement_loop(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
-            try:
-                await asyncio.wait_for(self.wake.wait(), self.settings.placement_interval_s)
-            except TimeoutError:
-                pass
+            await wait_event(self.wake, self.settings.placement_interval_s)
             self.wake.clear()
             try:
                 await self.placement_pass()

@@ -3,17 +3,14 @@
 import asyncio
 
 from fastapi import APIRouter, Depends, Request, status
-from sqlalchemy.ext.asyncio import async_sessionmaker
 
+from common.service_app import get_sessionmaker
 from storage_service import service
 from storage_service.s3 import ObjectStore
 from storage_service.schemas import FileCreate, FileOut, FileUpload, PresignedUrl, PresignRequest
 
 internal = APIRouter(prefix="/internal")
-
-
-def _db(request: Request) -> async_sessionmaker:
-    return request.app.state.sessionmaker
+Db = Depends(get_sessionmaker)
 
 
 def _store(request: Request) -> ObjectStore:
@@ -21,14 +18,14 @@ def _store(request: Request) -> ObjectStore:
 
 
 @internal.post("/files", status_code=status.HTTP_201_CREATED, response_model=FileUpload)
-async def create_file(body: FileCreate, db=Depends(_db), store=Depends(_store)) -> FileUpload:
+async def create_file(body: FileCreate, db=Db, store=Depends(_store)) -> FileUpload:
     async with db.begin() as session:
         return await service.create_file(session, store, body.owner_id, body.filename, body.size)
 
 
 @internal.get("/files/{file_id}", response_model=FileOut)
 async def get_file(
-    file_id: str, owner_id: str | None = None, db=Depends(_db), store=Depends(_store)
+    file_id: str, owner_id: str | None = None, db=Db, store=Depends(_store)
 ) -> FileOut:
     async with db.begin() as session:
         return await service.get_file(session, store, file_id, owner_id)

@@ -18,7 +18,10 @@ def create_app(settings: StorageSettings | None = None) -> FastAPI:
         app.state.store = ObjectStore(settings)
         await asyncio.to_thread(app.state.store.ensure_buckets)
 
-    app = create_service_app("storage_service", settings, on_startup=startup)
+    async def s3_reachable(app: FastAPI) -> None:
+        await asyncio.to_thread(app.state.store.check)
+
+    app = create_service_app("storage_service", settings, on_startup=startup, health=s3_reachable)
     app.include_router(
         internal, dependencies=[Depends(internal_auth_dependency(settings.internal_token))]
     )

@@ -2,13 +2,12 @@
 
 from fastapi import Request
 from nats.js import JetStreamContext
-from sqlalchemy.ext.asyncio import async_sessionmaker
 
+from common.service_app import get_sessionmaker
 from gateway.clients import ServiceClient
 
-
-def db(request: Request) -> async_sessionmaker:
-    return request.app.state.sessionmaker
+# The service database, as every service gets it.
+db = get_sessionmaker
 
 
 def js(request: Request) -> JetStreamContext:

@@ -12,11 +12,9 @@ from .podman import (
 from .postgres import PostgresServer, start_postgres
 from .process import ServerError, free_port, spawn, stop_process, wait_for_port
 from .s3 import S3Server, start_s3
-from .stack import LocalStack, start_stack
 
 __all__ = [
     "CONTAINERS_CONF",
-    "LocalStack",
     "NatsServer",
     "PodmanService",
     "PostgresServer",
@@ -31,7 +29,6 @@ __all__ = [
     "start_podman",
     "start_postgres",
     "start_s3",
-    "start_stack",
     "stop_process",
     "wait_for_port",
 ]

@@ -13,7 +13,8 @@ from common import subjects
 from common.errors import Invalid
 from common.ids import is_uuid
 from common.messages import JobSubmitted, LogBatch
-from gateway.clients import ServiceClient, UpstreamError
+from gateway.clients import ServiceClient, ServiceUnavailable, UpstreamError
+from gateway.storage import presign
 from scheduler import job_store, states
 from scheduler.models import Job
 from scheduler.schemas import JobOut, JobSpec
@@ -142,20 +143,16 @@ async def read_logs(
 
 
 async def _stored_log(storage: ServiceClient, job: Job) -> str | None:
-    signed = await storage.request(
-        "POST",
-        "/internal/presign",
-        json={
-            "bucket": "logs",
-            "key": job_store.log_key(job.id, job.attempt),
-            "method": "GET",
-        },
-    )
-    async with httpx.AsyncClient(timeout=30) as http:
-        response = await http.get(signed["url"])
+    [url], _ = await presign(storage, "logs", [job_store.log_key(job.id, job.attempt)], "GET")
+    try:
+        async with httpx.AsyncClient(timeout=30) as http:
+            response = await http.get(url)
+    except httpx.TransportError as exc:
+        raise ServiceUnavailable(f"object storage is unreachable: {exc}") from exc
     if response.status_code == 404:
         return None
-    response.raise_for_status()
+    if response.status_code != 200:
+        raise ServiceUnavailable(f"object storage answered {response.status_code}")
     return response.text
 
 
@@ -165,27 +162,18 @@ async def output_urls(
     async with db() as session:
         job = await job_store.get_job(session, job_id, owner_id)
         outputs = await job_store.list_outputs(session, job)
-    result = []
-    for out in outputs:
-        signed = await storage.request(
-            "POST",
-            "/internal/presign",
-            json={
-                "bucket": "outputs",
-                "key": job_store.output_key(job.id, out.attempt, out.path),
-                "method": "GET",
-            },
-        )
-        result.append(
-            {
-                "path": out.path,
-                "size": out.size,
-                "sha256": out.sha256,
-                "download_url": signed["url"],
-                "expires_at": signed["expires_at"],
-            }
-        )
-    return result
+    keys = [job_store.output_key(job.id, out.attempt, out.path) for out in outputs]
+    urls, expires_at = await presign(storage, "outputs", keys, "GET")
+    return [
+        {
+            "path": out.path,
+            "size": out.size,
+            "sha256": out.sha256,
+            "download_url": url,
+            "expires_at": expires_at,
+        }
+        for out, url in zip(outputs, urls, strict=True)
+    ]
 
 
 async def job_for_agent(db: async_sessionmaker, job_id: str, provider_id: str, attempt: int) -> Job:

@@ -7,7 +7,7 @@ from fastapi import APIRouter, Depends, Request, status
 from common.service_app import get_sessionmaker
 from storage_service import service
 from storage_service.s3 import ObjectStore
-from storage_service.schemas import FileCreate, FileOut, FileUpload, PresignedUrl, PresignRequest
+from storage_service.schemas import FileCreate, FileOut, FileUpload, PresignedUrls, PresignRequest
 
 internal = APIRouter(prefix="/internal")
 Db = Depends(get_sessionmaker)
@@ -31,7 +31,9 @@ async def get_file(
         return await service.get_file(session, store, file_id, owner_id)
 
 
-@internal.post("/presign", response_model=PresignedUrl)
-async def presign(body: PresignRequest, store=Depends(_store)) -> PresignedUrl:
-    url, expires_at = await asyncio.to_thread(store.presign, body.bucket, body.key, body.method)
-    return PresignedUrl(url=url, expires_at=expires_at)
+@internal.post("/presign", response_model=PresignedUrls)
+async def presign(body: PresignRequest, store=Depends(_store)) -> PresignedUrls:
+    urls, expires_at = await asyncio.to_thread(
+        store.presign_many, body.bucket, body.keys, body.method
+    )
+    return PresignedUrls(urls=urls, expires_at=expires_at)

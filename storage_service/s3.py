@@ -38,10 +38,16 @@ class ObjectStore:
         self.client.bucket_exists(self.settings.bucket("inputs"))
 
     def presign(self, kind: str, key: str, method: str) -> tuple[str, datetime]:
+        urls, expires_at = self.presign_many(kind, [key], method)
+        return urls[0], expires_at
+
+    def presign_many(self, kind: str, keys: list[str], method: str) -> tuple[list[str], datetime]:
+        """URLs scoped to one object each; signing is local, no round trip to S3."""
         ttl = timedelta(seconds=self.settings.url_ttl_s)
         bucket = self.settings.bucket(kind)
-        if method == "PUT":
-            url = self.signer.presigned_put_object(bucket, key, expires=ttl)
-        else:
-            url = self.signer.presigned_get_object(bucket, key, expires=ttl)
-        return url, datetime.now(UTC) + ttl
+        sign = (
+            self.signer.presigned_put_object
+            if method == "PUT"
+            else self.signer.presigned_get_object
+        )
+        return [sign(bucket, key, expires=ttl) for key in keys], datetime.now(UTC) + ttl

@@ -29,11 +29,13 @@ class FileOut(BaseModel):
 
 
 class PresignRequest(BaseModel):
+    """Many objects of one bucket at once: a task's outputs are signed in one call."""
+
     bucket: Literal["inputs", "outputs", "logs"]
-    key: str = Field(min_length=1, max_length=1024)
+    keys: list[SafeStr] = Field(min_length=1, max_length=10_000)
     method: Literal["GET", "PUT"]
 
 
-class PresignedUrl(BaseModel):
-    url: str
+class PresignedUrls(BaseModel):
+    urls: list[str]  # in the order of the keys
     expires_at: datetime

@@ -8,6 +8,7 @@ from gateway.api import deps
 from gateway.clients import ServiceClient
 from gateway.schemas import AgentInput, AgentOutputsRequest, AgentOutputsResponse, UploadUrl
 from gateway.security import Agent, current_agent
+from gateway.storage import presign
 from scheduler import job_store
 
 router = APIRouter(prefix="/v1/agent", tags=["agent"])
@@ -49,19 +50,12 @@ async def task_outputs(
 ) -> AgentOutputsResponse:
     """Upload URLs, one object each, for a task's outputs and its full log."""
     job = await jobs.job_for_agent(db, job_id, agent.provider_id, body.attempt)
-
-    async def put_url(bucket: str, key: str) -> str:
-        signed = await storage.request(
-            "POST", "/internal/presign", json={"bucket": bucket, "key": key, "method": "PUT"}
-        )
-        return signed["url"]
-
-    uploads = [
-        UploadUrl(
-            path=f.path,
-            upload_url=await put_url("outputs", job_store.output_key(job.id, job.attempt, f.path)),
-        )
-        for f in body.files
-    ]
-    log_url = await put_url("logs", job_store.log_key(job.id, job.attempt))
-    return AgentOutputsResponse(uploads=uploads, log_upload_url=log_url)
+    keys = [job_store.output_key(job.id, job.attempt, f.path) for f in body.files]
+    urls, _ = await presign(storage, "outputs", keys, "PUT")
+    [log_url], _ = await presign(storage, "logs", [job_store.log_key(job.id, job.attempt)], "PUT")
+    return AgentOutputsResponse(
+        uploads=[
+            UploadUrl(path=f.path, upload_url=u) for f, u in zip(body.files, urls, strict=True)
+        ],
+        log_upload_url=log_url,
+    )

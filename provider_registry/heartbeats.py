@@ -48,8 +48,14 @@ class HeartbeatIngest:
         batch, self.pending = list(self.pending.values()), {}
         if not batch:
             return
-        async with self.sessionmaker.begin() as session:
-            revived = await service.ingest_heartbeats(session, batch)
+        try:
+            async with self.sessionmaker.begin() as session:
+                revived = await service.ingest_heartbeats(session, batch)
+        except Exception:
+            # Kept for the next flush, unless a newer beat of the same provider came in.
+            for beat in batch:
+                self.pending.setdefault(beat.provider_id, beat)
+            raise
         FLUSH_BATCH.set(len(batch))
         if revived:
             log.info("providers back online", extra={"provider_ids": revived})

@@ -137,24 +137,27 @@ async def list_offers(
 
 
 async def ingest_heartbeats(session: AsyncSession, beats: list[Heartbeat]) -> list[str]:
-    """Applies a batch of heartbeats in one transaction; returns providers back online."""
+    """Applies a batch of heartbeats in one transaction; returns providers back online.
+
+    Liveness uses the platform's clock, never the daemon's: a machine whose clock runs
+    ahead must not look alive for longer, nor one that runs behind look dead.
+    """
     if not beats:
         return []
-    ids = [b.provider_id for b in beats]
     revived = (
         await session.scalars(
-            select(Provider.id).where(Provider.id.in_(ids), Provider.state == OFFLINE)
-        )
-    ).all()
-    for beat in beats:
-        await session.execute(
-            update(Provider)
-            .where(Provider.id == beat.provider_id)
-            .values(
-                last_heartbeat_at=beat.at,
-                state=DRAINING if beat.draining else ONLINE,
+            select(Provider.id).where(
+                Provider.id.in_([b.provider_id for b in beats]), Provider.state == OFFLINE
             )
         )
+    ).all()
+    providers = Provider.__table__
+    await session.execute(
+        update(providers)
+        .where(providers.c.id == bindparam("p_id"))
+        .values(last_heartbeat_at=func.now(), state=bindparam("p_state")),
+        [{"p_id": b.provider_id, "p_state": DRAINING if b.draining else ONLINE} for b in beats],
+    )
     metrics = [
         {
             "p_id": b.provider_id,
@@ -163,24 +166,21 @@ async def ingest_heartbeats(session: AsyncSession, beats: list[Heartbeat]) -> li
             "mem": g.memory_used_mb,
             "temp": g.temperature_c,
             "power": g.power_w,
-            "at": b.at,
         }
         for b in beats
         for g in b.gpus
     ]
     if metrics:
+        gpus = Gpu.__table__
         await session.execute(
-            update(Gpu.__table__)
-            .where(
-                Gpu.__table__.c.provider_id == bindparam("p_id"),
-                Gpu.__table__.c.uuid == bindparam("g_uuid"),
-            )
+            update(gpus)
+            .where(gpus.c.provider_id == bindparam("p_id"), gpus.c.uuid == bindparam("g_uuid"))
             .values(
                 utilization_pct=bindparam("util"),
                 memory_used_mb=bindparam("mem"),
                 temperature_c=bindparam("temp"),
                 power_w=bindparam("power"),
-                metrics_at=bindparam("at"),
+                metrics_at=func.now(),
             ),
             metrics,
         )

@@ -47,8 +47,29 @@ class Placement:
     task: TaskAssignment
 
 
-async def place_job(session: AsyncSession, job_id: str, allow_simulated: bool) -> Placement | None:
-    """Reserves GPUs for a queued job and marks it assigned; None if it must wait."""
+# Why a request shape found no GPUs in this placement pass, by shape.
+Misses = dict[tuple, str]
+
+
+def _shape(request: capacity.GpuRequest, avoid: list[str]) -> tuple:
+    return (
+        request.count,
+        tuple(request.models or ()),
+        request.min_vram_mb,
+        request.max_price_per_hour,
+        request.allow_simulated,
+        tuple(sorted(avoid)),
+    )
+
+
+async def place_job(
+    session: AsyncSession, job_id: str, allow_simulated: bool, misses: Misses | None = None
+) -> Placement | None:
+    """Reserves GPUs for a queued job and marks it assigned; None if it must wait.
+
+    `misses` carries what failed earlier in the same pass: capacity only shrinks during
+    a pass, so a job shaped like one that found nothing waits without asking again.
+    """
     job = await session.scalar(
         select(Job)
         .where(Job.id == job_id, Job.status == states.QUEUED)
@@ -57,12 +78,18 @@ async def place_job(session: AsyncSession, job_id: str, allow_simulated: bool) -
     if job is None:
         return None  # placed, cancelled, or being placed by another replica
     request = gpu_request(job, allow_simulated)
-    reservation = await capacity.reserve(session, job.id, request, avoid=job.avoid_providers)
+    shape = _shape(request, job.avoid_providers)
+    known_miss = misses.get(shape) if misses is not None else None
+    reservation = None
+    if known_miss is None:
+        reservation = await capacity.reserve(session, job.id, request, avoid=job.avoid_providers)
     if reservation is None:
-        reason = (
+        reason = known_miss or (
             await capacity.why_unplaceable(session, request, job.avoid_providers)
             or WAITING_FOR_CAPACITY
         )
+        if misses is not None:
+            misses[shape] = reason
         if job.waiting_reason != reason:
             job.waiting_reason = reason
         return None

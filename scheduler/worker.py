@@ -79,9 +79,12 @@ class Scheduler:
                 )
                 or 0
             )
+        misses: placement.Misses = {}
         for job_id in job_ids:
             async with self.sessionmaker.begin() as session:
-                placed = await placement.place_job(session, job_id, self.settings.simulated_allowed)
+                placed = await placement.place_job(
+                    session, job_id, self.settings.simulated_allowed, misses
+                )
             if placed is not None:
                 await self._dispatch(placed)
         PASS_SECONDS.observe(time.perf_counter() - started)

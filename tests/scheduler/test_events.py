@@ -157,3 +157,36 @@ class TestApplyEvent:
         job = await load(db, job_id)
         assert job.status == states.CANCELLED and job.finished_at is not None
         assert await free_gpus(db) == 1
+
+
+class TestPlacementPass:
+    async def test_jobs_shaped_like_a_miss_wait_without_asking_again(
+        self, db: async_sessionmaker
+    ) -> None:
+        async with db.begin() as session:
+            await create_provider(session, gpus=1)
+            ids = [
+                (
+                    await job_store.create_job(
+                        session,
+                        str(uuid.uuid4()),
+                        JobSpec(image="i", command=["true"], max_duration_s=60),
+                    )
+                ).id
+                for _ in range(3)
+            ]
+        misses: placement.Misses = {}
+
+        async def place(job_id: str, seen: placement.Misses):  # type: ignore[no-untyped-def]
+            async with db.begin() as session:
+                return await placement.place_job(session, job_id, False, seen)
+
+        assert await place(ids[0], misses) is not None
+        assert await place(ids[1], misses) is None
+        assert list(misses.values()) == [placement.WAITING_FOR_CAPACITY]
+        # Capacity appearing mid-pass is left to the next pass: the miss is not re-asked.
+        async with db.begin() as session:
+            await create_provider(session, gpus=1)
+        assert await place(ids[2], misses) is None
+        assert (await load(db, ids[2])).waiting_reason == placement.WAITING_FOR_CAPACITY
+        assert await place(ids[2], {}) is not None

@@ -105,8 +105,10 @@ async def redeem_join_token(
 ) -> tuple[str, str, str, datetime]:
     """Exchanges a join token for a provider identity and a long-lived agent credential.
 
-    A token binds to the first machine that redeems it; the same machine may redeem it
-    again (a join retried after a network error), any other machine is refused.
+    A token binds to the first machine that redeems it; until it expires, the same
+    machine may redeem it again (a join retried after a network error). Any other machine
+    is refused, and so is everyone once it expired: a machine id is no secret, so an old
+    token must not mint new credentials forever.
     Returns (provider_id, owner_id, credential, credential_expires_at).
     """
     row = await session.scalar(
@@ -114,10 +116,9 @@ async def redeem_join_token(
     )
     if row is None:
         raise Unauthorized("invalid join token", field="token")
-    if row.machine_id is not None:
-        if not hmac.compare_digest(row.machine_id, machine_id):
-            raise Conflict("join token already used by another machine", field="token")
-    elif row.expires_at <= _now():
+    if row.machine_id is not None and not hmac.compare_digest(row.machine_id, machine_id):
+        raise Conflict("join token already used by another machine", field="token")
+    if row.expires_at <= _now():
         raise Gone("join token expired; create a new one", field="token")
     owner = await get_user(session, row.owner_id)
     if row.machine_id is None:

@@ -1,4 +1,5 @@
-"""What every HTTP service mounts: /healthz, /metrics, request metrics, 4xx error bodies."""
+"""What every HTTP service mounts: /healthz, /metrics, request metrics, 4xx error bodies,
+request ids and a request body size limit."""
 
 import hmac
 import time
@@ -9,7 +10,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from prometheus_client import Counter, Histogram, make_asgi_app
 
+from common.body_limit import DEFAULT_MAX_BODY_BYTES, BodyLimitMiddleware
 from common.errors import DomainError
+from common.request_context import RequestIdMiddleware
 
 HTTP_REQUESTS = Counter(
     "http_requests_total", "HTTP requests served", ["service", "method", "route", "status"]
@@ -49,12 +52,23 @@ async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResp
 
 
 async def _domain_error(_: Request, exc: DomainError) -> JSONResponse:
-    headers = {"WWW-Authenticate": "Bearer"} if exc.status_code == 401 else None
-    return JSONResponse(status_code=exc.status_code, content=exc.body(), headers=headers)
+    return JSONResponse(status_code=exc.status_code, content=exc.body(), headers=exc.headers())
 
 
-def install_common(app: FastAPI, service: str, health: HealthCheck | None = None) -> None:
-    """Adds /healthz, /metrics, per-route metrics and 4xx bodies that name the field."""
+def install_common(
+    app: FastAPI,
+    service: str,
+    health: HealthCheck | None = None,
+    *,
+    max_request_body_bytes: int | None = DEFAULT_MAX_BODY_BYTES,
+) -> None:
+    """Adds /healthz, /metrics, per-route metrics, 4xx bodies that name the field, an
+    X-Request-ID on every request and a 413 for bodies over `max_request_body_bytes`
+    (None: no limit)."""
+    # The last middleware added runs first: request id, then metrics, then the body limit,
+    # so a 413 is counted and everything below logs with the request id.
+    if max_request_body_bytes is not None:
+        app.add_middleware(BodyLimitMiddleware, max_bytes=max_request_body_bytes)
     app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
     app.add_exception_handler(DomainError, _domain_error)  # type: ignore[arg-type]
     app.mount("/metrics", make_asgi_app())
@@ -77,6 +91,8 @@ def install_common(app: FastAPI, service: str, health: HealthCheck | None = None
         HTTP_REQUESTS.labels(service, request.method, path, str(response.status_code)).inc()
         HTTP_LATENCY.labels(service, request.method, path).observe(time.perf_counter() - started)
         return response
+
+    app.add_middleware(RequestIdMiddleware)
 
 
 def internal_auth_dependency(expected_token: str) -> Callable[[str | None], None]:

@@ -1,9 +1,11 @@
-"""Structured logs: one JSON object per line, with the job id where there is one."""
+"""Structured logs: one JSON object per line, with the job id and request id where there are."""
 
 import json
 import logging
 import sys
 from datetime import UTC, datetime
+
+from common.request_context import request_id
 
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {
     "message",
@@ -24,6 +26,8 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
+        if (rid := request_id.get()) is not None:
+            entry["request_id"] = rid
         for key, value in record.__dict__.items():
             if key not in _STANDARD and not key.startswith("_"):
                 entry[key] = value

@@ -7,6 +7,7 @@ from fastapi import FastAPI, Request
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from common.db import check_database, make_engine, make_sessionmaker
+from common.discovery import Registration, consul_address, consul_name, register_service
 from common.http import install_common
 from common.logging import configure_logging
 from common.settings import ServiceSettings
@@ -40,9 +41,12 @@ def create_service_app(
         app.state.sessionmaker = make_sessionmaker(app.state.engine)
         if on_startup is not None:
             await on_startup(app)
+        registration = await register_in_consul(name, settings.advertise_port)
         try:
             yield
         finally:
+            if registration is not None:
+                await registration.deregister()
             if on_shutdown is not None:
                 await on_shutdown(app)
             await app.state.engine.dispose()
@@ -55,8 +59,17 @@ def create_service_app(
         if health is not None:
             await health(app)
 
-    install_common(app, name, check)
+    install_common(app, name, check, max_request_body_bytes=settings.max_request_body_bytes)
     return app
+
+
+async def register_in_consul(name: str, port: int | None) -> Registration | None:
+    """Registers this instance with a /healthz check when CONSUL_HTTP_ADDR is set."""
+    if consul_address() is None:
+        return None
+    if port is None:
+        raise RuntimeError("CONSUL_HTTP_ADDR is set: GPUMARKET_ADVERTISE_PORT must name our port")
+    return await register_service(consul_name(name), port)
 
 
 async def nats_connected(app: FastAPI) -> None:

@@ -1,6 +1,6 @@
 """Settings base: every service reads GPUMARKET_* environment variables."""
 
-from pydantic import model_validator
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEV_INTERNAL_TOKEN = "dev-internal-token-change-me"
@@ -15,6 +15,10 @@ class ServiceSettings(BaseSettings):
     nats_url: str = "nats://127.0.0.1:4222"
     # Guards the /internal routes that services call on each other.
     internal_token: str = DEV_INTERNAL_TOKEN
+    # Larger request bodies get a 413 (1 MiB; uploads go straight to object storage).
+    max_request_body_bytes: int = Field(default=1_048_576, gt=0)
+    # Where this instance listens, for its Consul registration (only with CONSUL_HTTP_ADDR).
+    advertise_port: int | None = None
 
     @model_validator(mode="after")
     def _no_default_secret_in_production(self) -> "ServiceSettings":

@@ -30,6 +30,7 @@ from common.embedded_server import EmbeddedServer
 from common.http import install_common
 from common.logging import configure_logging
 from common.messages import JobEvent
+from common.service_app import register_in_consul
 from common.streams import ensure_streams
 from scheduler import placement, states
 from scheduler.events import apply_event
@@ -222,6 +223,9 @@ async def run(settings: SchedulerSettings) -> None:
         )
     )
     log.info("scheduler started", extra={"allow_simulated": settings.simulated_allowed})
+    registration = await register_in_consul(
+        "scheduler", settings.advertise_port or settings.http_port
+    )
     try:
         async with asyncio.TaskGroup() as tg:
             tg.create_task(
@@ -250,6 +254,8 @@ async def run(settings: SchedulerSettings) -> None:
             server.should_exit = True
             scheduler.wake.set()
     finally:
+        if registration is not None:
+            await registration.deregister()
         await nc.drain()
         await engine.dispose()
         log.info("scheduler stopped")

@@ -4,10 +4,12 @@ import nats
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
+from common.discovery import ServiceResolver, consul_name
 from common.service_app import create_service_app, nats_connected
 from common.streams import ensure_streams
-from gateway.api import agent, auth, files, jobs, providers
+from gateway.api import admin, agent, auth, files, jobs, providers
 from gateway.clients import ServiceClient
+from gateway.ratelimit import RateLimiter
 from gateway.security import JwksCache
 from gateway.settings import GatewaySettings
 
@@ -16,14 +18,19 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     settings = settings or GatewaySettings()
 
     async def startup(app: FastAPI) -> None:
-        app.state.auth = ServiceClient("auth_service", settings.auth_url, settings.internal_token)
-        app.state.storage = ServiceClient(
-            "storage_service", settings.storage_url, settings.internal_token
+        resolver = ServiceResolver()
+        app.state.auth, app.state.storage, app.state.registry = (
+            ServiceClient(consul_name(name), url, settings.internal_token, resolver=resolver)
+            for name, url in (
+                ("auth_service", settings.auth_url),
+                ("storage_service", settings.storage_url),
+                ("provider_registry", settings.registry_url),
+            )
         )
-        app.state.registry = ServiceClient(
-            "provider_registry", settings.registry_url, settings.internal_token
+        app.state.jwks = JwksCache(
+            app.state.auth, settings.jwks_refresh_min_interval_s, settings.jwks_max_age_s
         )
-        app.state.jwks = JwksCache(app.state.auth, settings.jwks_refresh_min_interval_s)
+        app.state.limiter = RateLimiter()
         app.state.nc = await nats.connect(settings.nats_url, max_reconnect_attempts=-1)
         app.state.js = app.state.nc.jetstream()
         await ensure_streams(app.state.js)
@@ -46,9 +53,10 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         app.add_middleware(
             CORSMiddleware,
             allow_origins=settings.cors_origins,
-            allow_methods=["*"],
-            allow_headers=["*"],
+            allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
+            expose_headers=["X-Request-ID", "Retry-After"],
         )
-    for module in (auth, files, jobs, providers, agent):
+    for module in (auth, files, jobs, providers, agent, admin):
         app.include_router(module.router)
     return app

@@ -1,29 +1,46 @@
-"""Token verification with auth_service's public keys (JWKS); no secret is shared."""
+"""Who is calling: access JWTs verified with auth_service's public keys (JWKS), API keys
+and provider credentials checked by auth_service.
+
+A signature proves who issued a token, not that it still holds: every request also asks
+auth_service whether the user, session, key or credential is still good, so disabling a
+user or revoking a key takes effect on the very next request.
+"""
 
 import time
 from dataclasses import dataclass
+from typing import Literal
 
 import jwt
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from common.errors import Forbidden, Unauthorized
-from common.tokens import ACCESS_AUDIENCE, AGENT_AUDIENCE, ALGORITHM, ISSUER
+from common.tokens import ACCESS_AUDIENCE, AGENT_PREFIX, ALGORITHM, API_KEY_PREFIX, ISSUER
 from gateway.clients import ServiceClient
 
 ALGORITHMS = [ALGORITHM]
 
-bearer = HTTPBearer(auto_error=False)
+bearer = HTTPBearer(auto_error=False, description="An access token or an API key")
 
 
 @dataclass(frozen=True)
 class Principal:
     id: str
     roles: tuple[str, ...]
-    email: str | None = None
+    email: str
+    kind: Literal["session", "api_key"]
+    session_id: str | None = None
+
+    @property
+    def is_admin(self) -> bool:
+        return "admin" in self.roles
 
     def has(self, role: str) -> bool:
-        return role in self.roles or "admin" in self.roles
+        return role in self.roles or self.is_admin
+
+    def owner_filter(self) -> str | None:
+        """Whose objects this principal may see: its own, or everyone's for an admin."""
+        return None if self.is_admin else self.id
 
 
 @dataclass(frozen=True)
@@ -33,19 +50,26 @@ class Agent:
 
 
 class JwksCache:
-    """Public keys by kid; an unknown kid triggers a refetch, at most every few seconds."""
+    """Public keys by kid, refetched when older than max_age_s (auth_service publishes a
+    new key longer than that before it signs with it) and, at most every
+    min_interval_s, when a token names a kid we don't know."""
 
-    def __init__(self, auth: ServiceClient, min_interval_s: float) -> None:
+    def __init__(self, auth: ServiceClient, min_interval_s: float, max_age_s: float) -> None:
         self.auth = auth
         self.min_interval_s = min_interval_s
+        self.max_age_s = max_age_s
         self.keys: dict[str, jwt.PyJWK] = {}
-        self.fetched_at = 0.0
+        self.fetched_at = float("-inf")
+
+    async def _fetch(self) -> None:
+        jwks = await self.auth.request("GET", "/.well-known/jwks.json")
+        self.keys = {k["kid"]: jwt.PyJWK(k) for k in jwks["keys"]}
+        self.fetched_at = time.monotonic()
 
     async def key(self, kid: str) -> jwt.PyJWK:
-        if kid not in self.keys and time.monotonic() - self.fetched_at > self.min_interval_s:
-            jwks = await self.auth.request("GET", "/.well-known/jwks.json")
-            self.keys = {k["kid"]: jwt.PyJWK(k) for k in jwks["keys"]}
-            self.fetched_at = time.monotonic()
+        age = time.monotonic() - self.fetched_at
+        if age > self.max_age_s or (kid not in self.keys and age > self.min_interval_s):
+            await self._fetch()
         if kid not in self.keys:
             raise Unauthorized("token signed with an unknown key")
         return self.keys[kid]
@@ -55,6 +79,8 @@ class JwksCache:
             header = jwt.get_unverified_header(token)
         except jwt.InvalidTokenError as exc:
             raise Unauthorized("malformed token") from exc
+        # Checked before any key is looked up: alg=none and HS256 made with a public key
+        # as the HMAC secret never reach the verifier.
         if header.get("alg") not in ALGORITHMS or not isinstance(header.get("kid"), str):
             raise Unauthorized("token algorithm or key id not accepted")
         key = await self.key(header["kid"])
@@ -74,18 +100,41 @@ class JwksCache:
 
 
 def _token(credentials: HTTPAuthorizationCredentials | None) -> str:
-    if credentials is None or credentials.scheme.lower() != "bearer":
+    if credentials is None or not credentials.credentials:
         raise Unauthorized("missing bearer token")
     return credentials.credentials
+
+
+async def _authenticate(request: Request, body: dict) -> dict:
+    auth: ServiceClient = request.app.state.auth
+    return await auth.request("POST", "/internal/authenticate", json=body)
 
 
 async def current_principal(
     request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)
 ) -> Principal:
-    claims = await request.app.state.jwks.verify(_token(credentials), ACCESS_AUDIENCE)
-    return Principal(
-        id=claims["sub"], roles=tuple(claims.get("roles", ())), email=claims.get("email")
+    """A user, by access token or API key; refused once disabled, logged out or revoked."""
+    token = _token(credentials)
+    if token.startswith(API_KEY_PREFIX):
+        body = {"kind": "api_key", "secret": token}
+    elif token.startswith(AGENT_PREFIX):
+        raise Unauthorized("a provider credential is only accepted on /v1/agent routes")
+    else:
+        claims = await request.app.state.jwks.verify(token, ACCESS_AUDIENCE)
+        body = {"kind": "session", "user_id": claims["sub"], "session_id": claims.get("sid")}
+    found = await _authenticate(request, body)
+    principal = Principal(
+        id=found["user_id"],
+        roles=tuple(found["roles"]),
+        email=found["email"],
+        kind=found["kind"],
+        session_id=found.get("session_id"),
     )
+    request.state.principal_id = principal.id
+    await request.app.state.limiter.check(
+        "principal", principal.id, request.app.state.settings.rate_limit_per_principal
+    )
+    return principal
 
 
 def require(role: str):  # type: ignore[no-untyped-def]
@@ -99,10 +148,28 @@ def require(role: str):  # type: ignore[no-untyped-def]
     return check
 
 
+async def require_admin(principal: Principal = Depends(current_principal)) -> Principal:
+    if not principal.is_admin:
+        raise Forbidden("this action needs the admin role")
+    return principal
+
+
+async def require_session(principal: Principal = Depends(current_principal)) -> Principal:
+    """For managing credentials: a logged-in user, not an API key minting more keys."""
+    if principal.kind != "session":
+        raise Forbidden("log in to do this; an API key can't manage credentials")
+    return principal
+
+
 async def current_agent(
     request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)
 ) -> Agent:
-    claims = await request.app.state.jwks.verify(_token(credentials), AGENT_AUDIENCE)
-    if "agent" not in claims.get("roles", ()) or "owner" not in claims:
-        raise Unauthorized("not a provider agent credential")
-    return Agent(provider_id=claims["sub"], owner_id=claims["owner"])
+    token = _token(credentials)
+    if not token.startswith(AGENT_PREFIX):
+        raise Unauthorized("not a provider credential")
+    found = await _authenticate(request, {"kind": "agent", "secret": token})
+    request.state.principal_id = found["provider_id"]
+    await request.app.state.limiter.check(
+        "agent", found["provider_id"], request.app.state.settings.rate_limit_per_agent
+    )
+    return Agent(provider_id=found["provider_id"], owner_id=found["owner_id"])

@@ -9,6 +9,7 @@ from types import FrameType
 import typer
 from rich.console import Console
 
+from gpumarket.admin import admin_app
 from gpumarket.bench import run_jobs_bench
 from gpumarket.localstack.process import free_port
 from gpumarket.platform import DEFAULT_SIMULATED_GPUS, LocalPlatform
@@ -20,6 +21,7 @@ app = typer.Typer(
 console = Console()
 bench_app = typer.Typer(help="Benchmarks that print figures (see BENCHMARKS.md).")
 app.add_typer(bench_app, name="bench")
+app.add_typer(admin_app, name="admin")
 
 
 def _raise_interrupt(signum: int, _: FrameType | None) -> None:

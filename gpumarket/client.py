@@ -18,9 +18,16 @@ class ApiError(Exception):
 
 
 class Client:
-    def __init__(self, base_url: str, token: str | None = None, timeout: float = 30.0) -> None:
-        self.http = httpx.Client(base_url=base_url, timeout=timeout)
+    def __init__(
+        self,
+        base_url: str,
+        token: str | None = None,
+        timeout: float = 30.0,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        self.http = httpx.Client(base_url=base_url, timeout=timeout, headers=headers)
         self.token = token
+        self.refresh_token: str | None = None
 
     def _headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.token}"} if self.token else {}
@@ -37,18 +44,19 @@ class Client:
             return response.json()
         return response.text
 
-    def register(self, email: str, password: str, role: str) -> dict:
+    def register(self, email: str, password: str, roles: str | list[str]) -> dict:
+        roles = [roles] if isinstance(roles, str) else roles
         return self.request(
-            "POST", "/v1/auth/register", json={"email": email, "password": password, "role": role}
+            "POST", "/v1/auth/register", json={"email": email, "password": password, "roles": roles}
         )
 
     def login(self, email: str, password: str) -> str:
-        self.token = self.request(
-            "POST", "/v1/auth/login", json={"email": email, "password": password}
-        )["access_token"]
+        tokens = self.request("POST", "/v1/auth/login", json={"email": email, "password": password})
+        self.token = tokens["access_token"]
+        self.refresh_token = tokens["refresh_token"]
         return self.token
 
-    def register_or_login(self, email: str, password: str, role: str) -> str:
+    def register_or_login(self, email: str, password: str, role: str | list[str]) -> str:
         try:
             self.register(email, password, role)
         except ApiError as exc:

@@ -53,6 +53,8 @@ class LocalPlatform:
     owns_servers: bool = True
     processes: list[ServiceProcess] = field(default_factory=list)
     ports: dict[str, int] = field(default_factory=dict)
+    # Extra GPUMARKET_* settings for every service (the tests shorten some delays).
+    settings: dict[str, str] = field(default_factory=dict)
 
     @property
     def gateway_url(self) -> str:
@@ -125,6 +127,7 @@ class LocalPlatform:
             "GPUMARKET_STORAGE_URL": f"http://127.0.0.1:{self.ports['storage_service']}",
             "GPUMARKET_REGISTRY_URL": f"http://127.0.0.1:{self.ports['provider_registry']}",
             "GPUMARKET_HTTP_PORT": str(self.ports["scheduler"]),
+            **self.settings,
         }
 
     def _spawn(self, name: str, argv: list[str], env: dict[str, str], port: int | None) -> None:

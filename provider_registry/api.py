@@ -28,6 +28,12 @@ async def list_providers(owner_id: str | None = None, db=Db) -> list[ProviderOut
         return await service.list_providers(session, owner_id)
 
 
+@internal.get("/providers/{provider_id}", response_model=ProviderOut)
+async def get_provider(provider_id: str, owner_id: str | None = None, db=Db) -> ProviderOut:
+    async with db() as session:
+        return await service.get_provider(session, provider_id, owner_id)
+
+
 @internal.get("/offers", response_model=list[Offer])
 async def list_offers(
     request: Request,

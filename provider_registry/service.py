@@ -7,7 +7,7 @@ from sqlalchemy import bindparam, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import selectinload
 
-from common.errors import Conflict
+from common.errors import Conflict, NotFound
 from common.gpu_models import canonical_model
 from common.messages import Heartbeat
 from provider_registry.models import DRAINING, OFFLINE, ONLINE, Gpu, Provider
@@ -86,6 +86,19 @@ async def list_providers(session: AsyncSession, owner_id: str | None) -> list[Pr
     if owner_id is not None:
         query = query.where(Provider.owner_id == owner_id)
     return [provider_out(p) for p in (await session.scalars(query)).all()]
+
+
+async def get_provider(
+    session: AsyncSession, provider_id: str, owner_id: str | None
+) -> ProviderOut:
+    """The provider, if owner_id owns it (None: anyone's); someone else's is not found."""
+    query = select(Provider).options(selectinload(Provider.gpus)).where(Provider.id == provider_id)
+    if owner_id is not None:
+        query = query.where(Provider.owner_id == owner_id)
+    provider = await session.scalar(query)
+    if provider is None:
+        raise NotFound(f"provider {provider_id} not found")
+    return provider_out(provider)
 
 
 async def list_offers(

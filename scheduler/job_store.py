@@ -63,9 +63,12 @@ async def get_task(session: AsyncSession, job_id: str, provider_id: str, attempt
 
 
 async def list_jobs(
-    session: AsyncSession, owner_id: str, status: str | None = None, limit: int = 100
+    session: AsyncSession, owner_id: str | None, status: str | None = None, limit: int = 100
 ) -> list[Job]:
-    query = select(Job).where(Job.owner_id == owner_id)
+    """The owner's jobs, newest first (everyone's for owner_id None)."""
+    query = select(Job)
+    if owner_id is not None:
+        query = query.where(Job.owner_id == owner_id)
     if status is not None:
         query = query.where(Job.status == status)
     query = query.order_by(Job.created_at.desc()).limit(limit)

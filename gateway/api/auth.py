@@ -1,21 +1,78 @@
-from fastapi import APIRouter, Depends, status
+"""Accounts, sessions and API keys, served by auth_service behind the gateway."""
 
-from auth_service.schemas import LoginRequest, RegisterRequest, TokenOut, UserOut
+from fastapi import APIRouter, Depends, Request, Response, status
+
+from auth_service.schemas import (
+    ApiKeyCreate,
+    ApiKeyCreated,
+    ApiKeyOut,
+    LoginRequest,
+    LogoutRequest,
+    RefreshRequest,
+    RegisterRequest,
+    TokenOut,
+    UserOut,
+)
 from gateway.api import deps
 from gateway.clients import ServiceClient
-from gateway.security import Principal, current_principal
+from gateway.security import Principal, current_principal, require_session
 
 router = APIRouter(tags=["auth"])
 
 
-@router.post("/v1/auth/register", status_code=status.HTTP_201_CREATED, response_model=UserOut)
+async def _per_client_address(request: Request) -> None:
+    """Throttles register, login and refresh per client address (see rate_limit_auth_per_ip)."""
+    address = request.client.host if request.client else "unknown"
+    await request.app.state.limiter.check(
+        "auth-ip", address, request.app.state.settings.rate_limit_auth_per_ip
+    )
+
+
+PerAddress = Depends(_per_client_address)
+
+
+@router.post(
+    "/v1/auth/register",
+    status_code=status.HTTP_201_CREATED,
+    response_model=UserOut,
+    dependencies=[PerAddress],
+)
 async def register(body: RegisterRequest, auth: ServiceClient = Depends(deps.auth)) -> dict:
-    return await auth.request("POST", "/v1/auth/register", json=body.model_dump())
+    """An account with the roles requester, provider, or both."""
+    return await auth.request("POST", "/internal/users", json=body.model_dump())
 
 
-@router.post("/v1/auth/login", response_model=TokenOut)
+@router.post("/v1/auth/login", response_model=TokenOut, dependencies=[PerAddress])
 async def login(body: LoginRequest, auth: ServiceClient = Depends(deps.auth)) -> dict:
-    return await auth.request("POST", "/v1/auth/login", json=body.model_dump())
+    """A short-lived access token and a single-use refresh token."""
+    return await auth.request("POST", "/internal/login", json=body.model_dump())
+
+
+@router.post("/v1/auth/refresh", response_model=TokenOut, dependencies=[PerAddress])
+async def refresh(body: RefreshRequest, auth: ServiceClient = Depends(deps.auth)) -> dict:
+    """Trades a refresh token for a new pair; the old refresh token is spent. Using a spent
+    one again ends the whole session (it was stolen, or copied)."""
+    return await auth.request("POST", "/internal/refresh", json=body.model_dump())
+
+
+@router.post("/v1/auth/logout", status_code=status.HTTP_204_NO_CONTENT)
+async def logout(
+    body: LogoutRequest | None = None,
+    principal: Principal = Depends(require_session),
+    auth: ServiceClient = Depends(deps.auth),
+) -> Response:
+    """Ends this session (its access and refresh tokens), or every session with
+    `everywhere`."""
+    await auth.request(
+        "POST",
+        "/internal/logout",
+        json={
+            "user_id": principal.id,
+            "session_id": principal.session_id,
+            "everywhere": bool(body and body.everywhere),
+        },
+    )
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
 @router.get("/v1/me", response_model=UserOut)
@@ -23,3 +80,32 @@ async def me(
     principal: Principal = Depends(current_principal), auth: ServiceClient = Depends(deps.auth)
 ) -> dict:
     return await auth.request("GET", f"/internal/users/{principal.id}")
+
+
+@router.post("/v1/api-keys", status_code=status.HTTP_201_CREATED, response_model=ApiKeyCreated)
+async def create_api_key(
+    body: ApiKeyCreate,
+    principal: Principal = Depends(require_session),
+    auth: ServiceClient = Depends(deps.auth),
+) -> dict:
+    """A key for scripts and CI, used as `Authorization: Bearer <key>`. The key is in this
+    answer only: it is stored as a digest and can't be shown again."""
+    return await auth.request(
+        "POST", f"/internal/users/{principal.id}/api-keys", json=body.model_dump(mode="json")
+    )
+
+
+@router.get("/v1/api-keys", response_model=list[ApiKeyOut])
+async def list_api_keys(
+    principal: Principal = Depends(require_session), auth: ServiceClient = Depends(deps.auth)
+) -> list[dict]:
+    return await auth.request("GET", f"/internal/users/{principal.id}/api-keys")
+
+
+@router.delete("/v1/api-keys/{key_id}", response_model=ApiKeyOut)
+async def revoke_api_key(
+    key_id: str,
+    principal: Principal = Depends(require_session),
+    auth: ServiceClient = Depends(deps.auth),
+) -> dict:
+    return await auth.request("DELETE", f"/internal/users/{principal.id}/api-keys/{key_id}")

@@ -31,6 +31,6 @@ async def get_file(
 ) -> dict:
     if not is_uuid(file_id):
         raise NotFound(f"file {file_id} not found")
-    return await storage.request(
-        "GET", f"/internal/files/{file_id}", params={"owner_id": principal.id}
-    )
+    owner = principal.owner_filter()
+    params = {} if owner is None else {"owner_id": owner}
+    return await storage.request("GET", f"/internal/files/{file_id}", params=params)

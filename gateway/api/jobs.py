@@ -20,11 +20,6 @@ router = APIRouter(tags=["jobs"])
 Requester = Depends(require("requester"))
 
 
-def _owner(principal: Principal) -> str | None:
-    """Whose jobs this principal may see: its own, or everyone's for an admin."""
-    return None if "admin" in principal.roles else principal.id
-
-
 @router.post("/v1/jobs", status_code=status.HTTP_202_ACCEPTED, response_model=JobOut)
 async def submit_job(
     spec: JobSpec,
@@ -44,7 +39,7 @@ async def list_jobs(
     db: async_sessionmaker = Depends(deps.db),
 ) -> list[JobOut]:
     async with db() as session:
-        rows = await job_store.list_jobs(session, principal.id, status_filter, limit)
+        rows = await job_store.list_jobs(session, principal.owner_filter(), status_filter, limit)
     return [job_store.job_out(j) for j in rows]
 
 
@@ -53,7 +48,7 @@ async def get_job(
     job_id: str, principal: Principal = Requester, db: async_sessionmaker = Depends(deps.db)
 ) -> JobOut:
     async with db() as session:
-        return job_store.job_out(await job_store.get_job(session, job_id, _owner(principal)))
+        return job_store.job_out(await job_store.get_job(session, job_id, principal.owner_filter()))
 
 
 @router.get("/v1/jobs/{job_id}/events")
@@ -66,10 +61,10 @@ async def job_events(
 ) -> EventSourceResponse:
     """Server-Sent Events: `status` on each state change, `log` per line, then `end`."""
     async with db() as session:
-        await job_store.get_job(session, job_id, _owner(principal))  # 404 before streaming
+        await job_store.get_job(session, job_id, principal.owner_filter())  # 404 before streaming
     poll_s = request.app.state.settings.sse_poll_interval_s
     return EventSourceResponse(
-        jobs.stream_events(db, js, job_id, _owner(principal), poll_s), ping=15
+        jobs.stream_events(db, js, job_id, principal.owner_filter(), poll_s), ping=15
     )
 
 
@@ -81,7 +76,7 @@ async def job_logs(
     js: JetStreamContext = Depends(deps.js),
     storage: ServiceClient = Depends(deps.storage),
 ) -> str:
-    return await jobs.read_logs(db, js, storage, job_id, _owner(principal))
+    return await jobs.read_logs(db, js, storage, job_id, principal.owner_filter())
 
 
 @router.get("/v1/jobs/{job_id}/outputs", response_model=list[OutputOut])
@@ -91,7 +86,7 @@ async def job_outputs(
     db: async_sessionmaker = Depends(deps.db),
     storage: ServiceClient = Depends(deps.storage),
 ) -> list[dict]:
-    return await jobs.output_urls(db, storage, job_id, _owner(principal))
+    return await jobs.output_urls(db, storage, job_id, principal.owner_filter())
 
 
 @router.post("/v1/jobs/{job_id}/cancel", response_model=JobOut)
@@ -102,7 +97,7 @@ async def cancel_job(
     js: JetStreamContext = Depends(deps.js),
 ) -> JobOut:
     async with db.begin() as session:
-        job = await job_store.request_cancel(session, job_id, _owner(principal))
+        job = await job_store.request_cancel(session, job_id, principal.owner_filter())
     if job.provider_id is not None and job.finished_at is None:
         cancel = TaskCancel(job_id=job.id, attempt=job.attempt)
         await js.publish(

@@ -2,7 +2,9 @@ from decimal import Decimal
 
 from fastapi import APIRouter, Depends, Query, Request, status
 
-from auth_service.schemas import JoinTokenOut
+from auth_service.schemas import JoinTokenOut, RevokedOut
+from common.errors import NotFound
+from common.ids import is_uuid
 from common.types import SafeStr
 from gateway.api import deps
 from gateway.clients import ServiceClient
@@ -66,8 +68,40 @@ async def list_providers(
     registry: ServiceClient = Depends(deps.registry),
 ) -> list[dict]:
     """The caller's machines with their GPUs and state (every machine for an admin)."""
-    params = {} if "admin" in principal.roles else {"owner_id": principal.id}
+    owner = principal.owner_filter()
+    params = {} if owner is None else {"owner_id": owner}
     return await registry.request("GET", "/internal/providers", params=params)
+
+
+@router.get("/v1/providers/{provider_id}", response_model=ProviderOut)
+async def get_provider(
+    provider_id: str,
+    principal: Principal = Depends(require("provider")),
+    registry: ServiceClient = Depends(deps.registry),
+) -> dict:
+    return await _owned_provider(registry, provider_id, principal)
+
+
+@router.post("/v1/providers/{provider_id}/credentials/revoke", response_model=RevokedOut)
+async def revoke_provider_credential(
+    provider_id: str,
+    principal: Principal = Depends(require("provider")),
+    auth: ServiceClient = Depends(deps.auth),
+    registry: ServiceClient = Depends(deps.registry),
+) -> dict:
+    """Cuts the machine's daemon off at once (a stolen machine, a leaked config file).
+    The machine joins again with a new join token."""
+    await _owned_provider(registry, provider_id, principal)
+    return await auth.request("POST", f"/internal/providers/{provider_id}/credentials/revoke")
+
+
+async def _owned_provider(registry: ServiceClient, provider_id: str, principal: Principal) -> dict:
+    """The machine if the principal owns it (or is an admin); anyone else's is a 404."""
+    if not is_uuid(provider_id):
+        raise NotFound(f"provider {provider_id} not found")
+    owner = principal.owner_filter()
+    params = {} if owner is None else {"owner_id": owner}
+    return await registry.request("GET", f"/internal/providers/{provider_id}", params=params)
 
 
 @router.get("/v1/offers", response_model=list[Offer])

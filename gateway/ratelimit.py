@@ -5,7 +5,7 @@ import time
 from functools import lru_cache
 from urllib.parse import quote
 
-from limits import RateLimitItem, parse
+from limits import RateLimitItem, parse_many
 from limits.aio.storage import MemoryStorage
 from limits.aio.strategies import SlidingWindowCounterRateLimiter
 
@@ -13,8 +13,8 @@ from common.errors import TooManyRequests
 
 
 @lru_cache(maxsize=256)
-def _rule(rule: str) -> RateLimitItem:
-    return parse(rule)
+def _rules(rule: str) -> list[RateLimitItem]:
+    return parse_many(rule)
 
 
 def _part(identifier: str) -> str:
@@ -38,11 +38,15 @@ class RateLimiter:
 
     async def check(self, scope: str, key: str, rule: str) -> None:
         """Counts a hit on `key` under `scope` (e.g. "login", a client address); raises
-        TooManyRequests, with the seconds until a hit would pass, when `rule` is exceeded."""
-        item = _rule(rule)
+        TooManyRequests, with the seconds until a hit would pass, when `rule` is exceeded.
+
+        `rule` may hold several limits separated by ";" (a burst and a sustained rate)."""
         identifiers = (_part(scope), _part(key))
-        if await self._limiter.hit(item, *identifiers):
-            return
+        for item in _rules(rule):
+            if not await self._limiter.hit(item, *identifiers):
+                await self._refuse(item, identifiers)
+
+    async def _refuse(self, item: RateLimitItem, identifiers: tuple[str, str]) -> None:
         stats = await self._limiter.get_window_stats(item, *identifiers)
         retry_after = max(1, math.ceil(stats.reset_time - time.time()))
         raise TooManyRequests(

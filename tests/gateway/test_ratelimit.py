@@ -70,6 +70,19 @@ class TestRateLimiter:
         await refused(limiter, "s", "k", "1/hour")
         await limiter.check("s", "k", "2/hour")
 
+    async def test_several_rules_each_apply(self) -> None:
+        limiter = RateLimiter()
+        burst_and_sustained = "2/day;3/hour"  # the second rule is the tighter one here
+        for _ in range(2):
+            await limiter.check("api", "u1", burst_and_sustained)
+        with pytest.raises(TooManyRequests) as caught:
+            await limiter.check("api", "u1", burst_and_sustained)
+        assert "2 per 1 day" in caught.value.detail
+        await limiter.check("api", "u2", "5/day;1/hour")
+        with pytest.raises(TooManyRequests) as caught:
+            await limiter.check("api", "u2", "5/day;1/hour")
+        assert "1 per 1 hour" in caught.value.detail
+
     async def test_reset_forgets_every_count(self) -> None:
         limiter = RateLimiter()
         for _ in range(3):

@@ -109,17 +109,26 @@ class Registration:
             log.warning("consul did not know this service instance", extra=fields)
 
 
+def _own_address() -> str:
+    hostname = socket.gethostname()
+    try:
+        return socket.gethostbyname(hostname)
+    except OSError:
+        return hostname
+
+
 async def register_service(name: str, port: int, address: str | None = None) -> Registration | None:
     """Registers this instance (id `name-address-port`) with an HTTP check on /healthz.
 
-    `address` is what other services and Consul's check connect to; it defaults to
-    GPUMARKET_ADVERTISE_HOST, else the hostname. Returns None when Consul isn't configured;
+    `address` is what other services and Consul's check connect to; it defaults to the
+    address the hostname resolves to (in a container: the container's own address, which
+    stays unique when a service runs several replicas). Returns None when Consul isn't configured;
     raises RegistrationFailed when Consul is configured but the registration fails.
     """
     client = _client(REGISTER_TIMEOUT)
     if client is None:
         return None
-    address = address or os.environ.get("GPUMARKET_ADVERTISE_HOST") or socket.gethostname()
+    address = address or _own_address()
     service_id = f"{name}-{address}-{port}"
     check = consul.Check.http(
         f"http://{_host_port(address, port)}/healthz",

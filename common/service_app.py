@@ -41,7 +41,7 @@ def create_service_app(
         app.state.sessionmaker = make_sessionmaker(app.state.engine)
         if on_startup is not None:
             await on_startup(app)
-        registration = await register_in_consul(name, settings.advertise_port)
+        registration = await register_in_consul(name, settings)
         try:
             yield
         finally:
@@ -63,13 +63,16 @@ def create_service_app(
     return app
 
 
-async def register_in_consul(name: str, port: int | None) -> Registration | None:
+async def register_in_consul(
+    name: str, settings: ServiceSettings, port: int | None = None
+) -> Registration | None:
     """Registers this instance with a /healthz check when CONSUL_HTTP_ADDR is set."""
     if consul_address() is None:
         return None
+    port = settings.advertise_port or port
     if port is None:
         raise RuntimeError("CONSUL_HTTP_ADDR is set: GPUMARKET_ADVERTISE_PORT must name our port")
-    return await register_service(consul_name(name), port)
+    return await register_service(consul_name(name), port, settings.advertise_host)
 
 
 async def nats_connected(app: FastAPI) -> None:

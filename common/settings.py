@@ -17,7 +17,9 @@ class ServiceSettings(BaseSettings):
     internal_token: str = DEV_INTERNAL_TOKEN
     # Larger request bodies get a 413 (1 MiB; uploads go straight to object storage).
     max_request_body_bytes: int = Field(default=1_048_576, gt=0)
-    # Where this instance listens, for its Consul registration (only with CONSUL_HTTP_ADDR).
+    # Where others reach this instance, for its Consul registration (with CONSUL_HTTP_ADDR);
+    # the host defaults to the address the hostname resolves to.
+    advertise_host: str | None = None
     advertise_port: int | None = None
 
     @model_validator(mode="after")

@@ -277,20 +277,21 @@ class TestRegistration:
         assert _get(check, "Timeout") == "2s"
         assert _get(check, "DeregisterCriticalServiceAfter") == "1m"
 
-    async def test_advertise_host_and_token(
+    async def test_advertised_address_and_token(
         self, fake_consul: FakeConsul, monkeypatch: pytest.MonkeyPatch
     ) -> None:
-        monkeypatch.setenv("GPUMARKET_ADVERTISE_HOST", "gateway-1")
         monkeypatch.setenv("CONSUL_HTTP_TOKEN", "s3cret")
-        reg = await register_service("gateway", 8000)
+        reg = await register_service("gateway", 8000, "gateway-1")
         assert reg is not None and reg.address == "gateway-1"
         assert "gateway-gateway-1-8000" in fake_consul.instances
         [(_, _, _, headers)] = fake_consul.calls("PUT", "/v1/agent/service/register")
         assert headers.get("X-Consul-Token") == "s3cret"
 
-    async def test_hostname_by_default(self, fake_consul: FakeConsul) -> None:
+    async def test_own_address_by_default(self, fake_consul: FakeConsul) -> None:
+        # In a container the hostname resolves to the container's own address.
         reg = await register_service("gateway", 8000)
-        assert reg is not None and reg.address == socket.gethostname()
+        assert reg is not None
+        assert reg.address == socket.gethostbyname(socket.gethostname())
 
     async def test_consul_down_raises(self, monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setenv("CONSUL_HTTP_ADDR", f"127.0.0.1:{_closed_port()}")

@@ -71,8 +71,20 @@ async def redeem_join_token(
     return row.provider_id, owner.id, credential
 
 
-async def revoke_credentials(session: AsyncSession, provider_id: str) -> int:
-    """Revokes every live credential of a provider; returns how many there were."""
+async def revoke_credentials(
+    session: AsyncSession, provider_id: str, for_good: bool = False
+) -> int:
+    """Revokes every live credential of a provider; returns how many there were.
+
+    for_good: the owner or an admin cut the machine off, so the join token it came with
+    can't bring it back either (a machine id is no secret); it must join with a new one.
+    """
+    if for_good:
+        await session.execute(
+            update(JoinToken)
+            .where(JoinToken.provider_id == provider_id, JoinToken.expires_at > _now())
+            .values(expires_at=_now())
+        )
     result = await session.execute(
         update(AgentCredential)
         .where(AgentCredential.provider_id == provider_id, AgentCredential.revoked_at.is_(None))

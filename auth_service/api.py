@@ -208,7 +208,8 @@ async def redeem_join_token(
 @internal.post("/providers/{provider_id}/credentials/revoke", response_model=RevokedOut)
 async def revoke_agent_credentials(provider_id: str, db: async_sessionmaker = Db) -> RevokedOut:
     async with db.begin() as session:
-        return RevokedOut(revoked=await agents.revoke_credentials(session, provider_id))
+        revoked = await agents.revoke_credentials(session, provider_id, for_good=True)
+        return RevokedOut(revoked=revoked)
 
 
 # Signing keys

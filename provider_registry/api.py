@@ -2,12 +2,12 @@
 
 from decimal import Decimal
 
-from fastapi import APIRouter, Depends, Request, status
+from fastapi import APIRouter, Depends, Request, Response, status
 
 from common import subjects
 from common.service_app import get_sessionmaker
 from provider_registry import service
-from provider_registry.schemas import Offer, ProviderOut, ProviderRegistration
+from provider_registry.schemas import Offer, ProviderOut, ProviderRegistration, Suspended
 
 internal = APIRouter(prefix="/internal")
 Db = Depends(get_sessionmaker)
@@ -50,3 +50,24 @@ async def list_offers(
             max_price,
             include_simulated=request.app.state.settings.dev_mode,
         )
+
+
+@internal.post("/owners/{owner_id}/suspend", response_model=Suspended)
+async def suspend_owner(owner_id: str, db=Db) -> Suspended:
+    async with db.begin() as session:
+        return Suspended(providers=await service.suspend_owner(session, owner_id))
+
+
+@internal.post("/owners/{owner_id}/resume", response_model=Suspended)
+async def resume_owner(owner_id: str, request: Request, db=Db) -> Suspended:
+    async with db.begin() as session:
+        count = await service.resume_owner(session, owner_id)
+    await request.app.state.nc.publish(subjects.CAPACITY_CHANGED, b"")
+    return Suspended(providers=count)
+
+
+@internal.post("/providers/{provider_id}/suspend", status_code=status.HTTP_204_NO_CONTENT)
+async def suspend_revoked(provider_id: str, db=Db) -> Response:
+    async with db.begin() as session:
+        await service.suspend_revoked(session, provider_id)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)

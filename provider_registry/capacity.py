@@ -52,6 +52,7 @@ def _free_on_online(request: GpuRequest) -> list:
         *_matching(request),
         Gpu.reserved_job_id.is_(None),
         Provider.state == ONLINE,
+        Provider.suspended_reason.is_(None),
     ]
 
 

@@ -20,6 +20,8 @@ from sqlalchemy.orm import Mapped, mapped_column, relationship
 from common.db import Base
 
 ONLINE = "online"
+OWNER_DISABLED = "owner disabled"
+CREDENTIAL_REVOKED = "credential revoked"
 OFFLINE = "offline"
 DRAINING = "draining"
 
@@ -37,6 +39,9 @@ class Provider(Base):
     driver_version: Mapped[str | None] = mapped_column(String(64))
     cuda_version: Mapped[str | None] = mapped_column(String(32))
     last_heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Set while the machine may take no work whatever its heartbeats say: its owner was
+    # disabled, or its credential was revoked (then for good: it joins again as a new one).
+    suspended_reason: Mapped[str | None] = mapped_column(String(32))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 
     gpus: Mapped[list["Gpu"]] = relationship(

@@ -63,6 +63,8 @@ class ProviderOut(BaseModel):
     name: str
     region: str | None
     state: str
+    # Why the machine takes no work, if it doesn't: "owner disabled" or "credential revoked".
+    suspended_reason: str | None = None
     simulated: bool
     last_heartbeat_at: datetime | None
     created_at: datetime
@@ -78,3 +80,7 @@ class Offer(BaseModel):
     price_per_gpu_hour: Decimal
     free_gpus: int
     simulated: bool
+
+
+class Suspended(BaseModel):
+    providers: int

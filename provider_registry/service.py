@@ -10,7 +10,15 @@ from sqlalchemy.orm import selectinload
 from common.errors import Conflict, NotFound
 from common.gpu_models import canonical_model
 from common.messages import Heartbeat
-from provider_registry.models import DRAINING, OFFLINE, ONLINE, Gpu, Provider
+from provider_registry.models import (
+    CREDENTIAL_REVOKED,
+    DRAINING,
+    OFFLINE,
+    ONLINE,
+    OWNER_DISABLED,
+    Gpu,
+    Provider,
+)
 from provider_registry.schemas import GpuOut, Offer, ProviderOut, ProviderRegistration
 
 DEFAULT_PRICE = Decimal("0.50")
@@ -58,6 +66,7 @@ def provider_out(p: Provider) -> ProviderOut:
         name=p.name,
         region=p.region,
         state=p.state,
+        suspended_reason=p.suspended_reason,
         simulated=p.simulated,
         last_heartbeat_at=p.last_heartbeat_at,
         created_at=p.created_at,
@@ -101,6 +110,35 @@ async def get_provider(
     return provider_out(provider)
 
 
+async def suspend_owner(session: AsyncSession, owner_id: str) -> int:
+    """Takes every machine of a disabled owner off the market; returns how many."""
+    result = await session.execute(
+        update(Provider)
+        .where(Provider.owner_id == owner_id, Provider.suspended_reason.is_(None))
+        .values(suspended_reason=OWNER_DISABLED)
+    )
+    return result.rowcount  # type: ignore[attr-defined]
+
+
+async def resume_owner(session: AsyncSession, owner_id: str) -> int:
+    """Puts back the machines that disabling the owner took off (not revoked ones)."""
+    result = await session.execute(
+        update(Provider)
+        .where(Provider.owner_id == owner_id, Provider.suspended_reason == OWNER_DISABLED)
+        .values(suspended_reason=None)
+    )
+    return result.rowcount  # type: ignore[attr-defined]
+
+
+async def suspend_revoked(session: AsyncSession, provider_id: str) -> None:
+    """A machine whose credential was revoked takes no work again."""
+    await session.execute(
+        update(Provider)
+        .where(Provider.id == provider_id)
+        .values(suspended_reason=CREDENTIAL_REVOKED)
+    )
+
+
 async def list_offers(
     session: AsyncSession,
     model: str | None = None,
@@ -121,7 +159,11 @@ async def list_offers(
             Provider.simulated,
         )
         .join(Gpu, Gpu.provider_id == Provider.id)
-        .where(Provider.state == ONLINE, Gpu.reserved_job_id.is_(None))
+        .where(
+            Provider.state == ONLINE,
+            Provider.suspended_reason.is_(None),
+            Gpu.reserved_job_id.is_(None),
+        )
         .group_by(Provider.id, Gpu.model)
         .order_by(func.max(Gpu.price_per_hour), Provider.id)
     )

@@ -20,15 +20,28 @@ async def list_users(
 
 
 @router.post("/users/{user_id}/disable", response_model=UserOut)
-async def disable_user(user_id: str, auth: ServiceClient = Depends(deps.auth)) -> dict:
-    """Ends the user's access at once: sessions, API keys and their provider daemons."""
-    return await auth.request("POST", f"/internal/users/{user_id}/disable")
+async def disable_user(
+    user_id: str,
+    auth: ServiceClient = Depends(deps.auth),
+    registry: ServiceClient = Depends(deps.registry),
+) -> dict:
+    """Ends the user's access at once: sessions, API keys and their provider daemons, whose
+    machines leave the market. Safe to retry."""
+    user = await auth.request("POST", f"/internal/users/{user_id}/disable")
+    await registry.request("POST", f"/internal/owners/{user['id']}/suspend")
+    return user
 
 
 @router.post("/users/{user_id}/enable", response_model=UserOut)
-async def enable_user(user_id: str, auth: ServiceClient = Depends(deps.auth)) -> dict:
-    """Lets the user log in again; ended sessions stay ended."""
-    return await auth.request("POST", f"/internal/users/{user_id}/enable")
+async def enable_user(
+    user_id: str,
+    auth: ServiceClient = Depends(deps.auth),
+    registry: ServiceClient = Depends(deps.registry),
+) -> dict:
+    """Lets the user log in again and puts their machines back; ended sessions stay ended."""
+    user = await auth.request("POST", f"/internal/users/{user_id}/enable")
+    await registry.request("POST", f"/internal/owners/{user['id']}/resume")
+    return user
 
 
 @router.post("/signing-keys/rotate", response_model=SigningKeyOut)

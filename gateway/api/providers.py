@@ -89,10 +89,12 @@ async def revoke_provider_credential(
     auth: ServiceClient = Depends(deps.auth),
     registry: ServiceClient = Depends(deps.registry),
 ) -> dict:
-    """Cuts the machine's daemon off at once (a stolen machine, a leaked config file).
-    The machine joins again with a new join token."""
+    """Cuts the machine's daemon off at once (a stolen machine, a leaked config file) and
+    takes it off the market. The machine joins again with a new join token."""
     await _owned_provider(registry, provider_id, principal)
-    return await auth.request("POST", f"/internal/providers/{provider_id}/credentials/revoke")
+    revoked = await auth.request("POST", f"/internal/providers/{provider_id}/credentials/revoke")
+    await registry.request("POST", f"/internal/providers/{provider_id}/suspend")
+    return revoked
 
 
 async def _owned_provider(registry: ServiceClient, provider_id: str, principal: Principal) -> dict:

@@ -73,3 +73,12 @@ async def test_only_providers_make_join_tokens(db: async_sessionmaker) -> None:
     with pytest.raises(Forbidden):
         async with db.begin() as session:
             await agents.create_join_token(session, SETTINGS, requester.id)
+
+
+async def test_a_machine_cut_off_cannot_rejoin_with_its_old_token(db: async_sessionmaker) -> None:
+    token, _ = await provider_token(db)
+    provider_id, _, _ = await redeem(db, token, "m")
+    async with db.begin() as session:
+        await agents.revoke_credentials(session, provider_id, for_good=True)
+    with pytest.raises(Gone):
+        await redeem(db, token, "m")

@@ -322,7 +322,11 @@ class TestDisabledUser:
             for u in admin.request("GET", "/v1/admin/users", params={"limit": 1000})
         )
 
+        # Its machines left the market with it, and come back with it.
+        provider_path = f"/v1/providers/{machine['provider_id']}"
+        assert admin.request("GET", provider_path)["suspended_reason"] == "owner disabled"
         admin.request("POST", f"/v1/admin/users/{me['id']}/enable")
+        assert admin.request("GET", provider_path)["suspended_reason"] is None
         assert status_with(platform, key) == 200
         assert status_with(platform, user.token or "") == 401  # ended sessions stay ended
         anonymous(platform).login(me["email"], "correct-horse-battery")
@@ -345,6 +349,7 @@ class TestProviderCredentials:
         assert status_with(platform, machine["credential"], agent_path) == 404
         assert owner.request("POST", path + "/credentials/revoke") == {"revoked": 1}
         assert status_with(platform, machine["credential"], agent_path) == 401
+        assert owner.request("GET", path)["suspended_reason"] == "credential revoked"
 
         second = join_machine(platform, owner)
         assert admin.request(

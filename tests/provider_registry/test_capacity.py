@@ -6,7 +6,7 @@ from decimal import Decimal
 
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
-from provider_registry import capacity
+from provider_registry import capacity, service
 from provider_registry.capacity import GpuRequest
 from provider_registry.models import OFFLINE
 from tests.provider_registry.factories import create_provider
@@ -84,3 +84,23 @@ class TestWhyUnplaceable:
             # Busy GPUs still count: the job waits, it is not impossible.
             await capacity.reserve(session, str(uuid.uuid4()), GpuRequest(count=2))
             assert await why(count=2) is None
+
+
+class TestSuspension:
+    async def test_suspended_machines_take_no_work_until_their_owner_is_back(
+        self, db: async_sessionmaker
+    ) -> None:
+        async with db.begin() as session:
+            machine = await create_provider(session, gpus=1, model="A10")
+            revoked = await create_provider(session, gpus=1, model="A10")
+            revoked.owner_id = machine.owner_id
+        async with db.begin() as session:
+            await service.suspend_revoked(session, revoked.id)
+            assert await service.suspend_owner(session, machine.owner_id) == 1
+        assert await reserve(db, GpuRequest(count=1, models=["A10"])) is None
+        async with db.begin() as session:
+            assert await service.list_offers(session, "A10") == []
+            # Re-enabling the owner brings back what disabling took, not a revoked machine.
+            assert await service.resume_owner(session, machine.owner_id) == 1
+        assert (await reserve(db, GpuRequest(count=1, models=["A10"]))).provider_id == machine.id
+        assert await reserve(db, GpuRequest(count=1, models=["A10"])) is None

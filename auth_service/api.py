@@ -1,10 +1,13 @@
 """Routes of auth_service. Only the JWKS is public; the gateway is the front door and
 calls the /internal routes with the services' internal token."""
 
+import logging
+
 from fastapi import APIRouter, Depends, Query, Request, Response, status
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from auth_service import accounts, agents, api_keys, keys, principals, sessions
+from auth_service.credentials import digest
 from auth_service.models import ApiKey, User
 from auth_service.schemas import (
     AgentCredentialOut,
@@ -30,6 +33,7 @@ from auth_service.settings import AuthSettings
 from common.errors import DomainError
 from common.service_app import get_sessionmaker
 
+log = logging.getLogger(__name__)
 public = APIRouter()
 internal = APIRouter(prefix="/internal")
 Db = Depends(get_sessionmaker)
@@ -82,8 +86,16 @@ async def login(
     async with db() as session:
         try:
             user = await accounts.authenticate(session, settings, body.email, body.password)
-        except DomainError:
+        except DomainError as exc:
             await session.commit()  # the failure counts even though we answer 401
+            # Audit trail without the address itself: the digest links attempts on one email.
+            log.warning(
+                "login refused",
+                extra={
+                    "email_digest": digest(accounts.normalize_email(body.email))[:16],
+                    "status": exc.status_code,
+                },
+            )
             raise
         pair = await sessions.start(session, settings, user)
         await session.commit()
@@ -97,8 +109,9 @@ async def refresh(
     async with db() as session:
         try:
             pair = await sessions.refresh(session, settings, body.refresh_token)
-        except DomainError:
+        except DomainError as exc:
             await session.commit()  # a reused token ends its session even though we answer 401
+            log.warning("refresh refused", extra={"reason": exc.detail})
             raise
         await session.commit()
     return TokenOut(**pair.__dict__)
@@ -141,13 +154,17 @@ async def get_user(user_id: str, db: async_sessionmaker = Db) -> UserOut:
 @internal.post("/users/{user_id}/disable", response_model=UserOut)
 async def disable_user(user_id: str, db: async_sessionmaker = Db) -> UserOut:
     async with db.begin() as session:
-        return _user_out(await accounts.set_disabled(session, user_id, True))
+        user = await accounts.set_disabled(session, user_id, True)
+    log.warning("user disabled", extra={"user_id": user.id})
+    return _user_out(user)
 
 
 @internal.post("/users/{user_id}/enable", response_model=UserOut)
 async def enable_user(user_id: str, db: async_sessionmaker = Db) -> UserOut:
     async with db.begin() as session:
-        return _user_out(await accounts.set_disabled(session, user_id, False))
+        user = await accounts.set_disabled(session, user_id, False)
+    log.warning("user enabled", extra={"user_id": user.id})
+    return _user_out(user)
 
 
 # API keys
@@ -167,7 +184,8 @@ async def create_api_key(
         key, secret = await api_keys.create(
             session, settings, user, body.name, body.roles, body.expires_in_days
         )
-        return ApiKeyCreated(**_key_out(key), key=secret)
+    log.info("api key created", extra={"user_id": user_id, "api_key_id": key.id})
+    return ApiKeyCreated(**_key_out(key), key=secret)
 
 
 @internal.get("/users/{user_id}/api-keys", response_model=list[ApiKeyOut])
@@ -179,7 +197,9 @@ async def list_api_keys(user_id: str, db: async_sessionmaker = Db) -> list[dict]
 @internal.delete("/users/{user_id}/api-keys/{key_id}", response_model=ApiKeyOut)
 async def revoke_api_key(user_id: str, key_id: str, db: async_sessionmaker = Db) -> dict:
     async with db.begin() as session:
-        return _key_out(await api_keys.revoke(session, user_id, key_id))
+        key = await api_keys.revoke(session, user_id, key_id)
+    log.info("api key revoked", extra={"user_id": user_id, "api_key_id": key.id})
+    return _key_out(key)
 
 
 # Providers
@@ -209,7 +229,10 @@ async def redeem_join_token(
 async def revoke_agent_credentials(provider_id: str, db: async_sessionmaker = Db) -> RevokedOut:
     async with db.begin() as session:
         revoked = await agents.revoke_credentials(session, provider_id, for_good=True)
-        return RevokedOut(revoked=revoked)
+    log.warning(
+        "provider credentials revoked", extra={"provider_id": provider_id, "count": revoked}
+    )
+    return RevokedOut(revoked=revoked)
 
 
 # Signing keys
@@ -222,4 +245,5 @@ async def rotate_signing_key(
     async with db.begin() as session:
         await keys.signing_key(session, settings)
         key = await keys.rotate(session, settings)
+    log.warning("signing key rotated", extra={"kid": key.kid, "activates_at": key.activates_at})
     return SigningKeyOut(kid=key.kid, activates_at=key.activates_at)

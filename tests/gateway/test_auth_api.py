@@ -433,3 +433,58 @@ class TestSecretsStayOutOfLogsAndAnswers:
             assert secret not in logs
             # Nor a recognisable piece of one.
             assert secret[-20:] not in logs
+
+
+class TestFrontDoor:
+    def test_request_ids_are_echoed_and_reach_every_services_logs(
+        self, platform, requester
+    ) -> None:  # type: ignore[no-untyped-def]
+        rid = f"test-{secrets.token_hex(6)}"
+        response = requester.http.get(
+            "/v1/me", headers={"Authorization": f"Bearer {requester.token}", "X-Request-ID": rid}
+        )
+        assert response.status_code == 200 and response.headers["X-Request-ID"] == rid
+        generated = requester.http.get("/v1/me", headers={"X-Request-ID": "bad id; DROP"})
+        assert generated.headers["X-Request-ID"] != "bad id; DROP"
+        # The gateway passes the id on: auth_service logs its side of a request under it.
+        failed = requester.http.post(
+            "/v1/auth/login",
+            json={"email": "nobody@example.com", "password": "wrong-password"},
+            headers={"X-Request-ID": rid},
+        )
+        assert failed.status_code == 401 and failed.headers["X-Request-ID"] == rid
+        time.sleep(0.5)
+        lines = (platform.log_dir / "auth_service.log").read_text().splitlines()
+        entries = [json.loads(line) for line in lines if rid in line]
+        assert any(e["msg"] == "login refused" and e["request_id"] == rid for e in entries)
+        assert not any("nobody@example.com" in line for line in lines)
+
+    def test_oversized_bodies_are_413_naming_the_body(self, requester: Client) -> None:
+        big = {
+            "image": "x",
+            "command": ["true"],
+            "max_duration_s": 5,
+            "env": {"A": "x" * 2_000_000},
+        }
+        with pytest.raises(ApiError) as err:
+            requester.submit(big)
+        assert err.value.status_code == 413
+        assert err.value.body["errors"][0]["field"] == "body"
+        assert requester.request("GET", "/v1/jobs") == []  # nothing half-written
+
+    def test_cors_allows_only_the_configured_origins(self, platform) -> None:  # type: ignore[no-untyped-def]
+        def preflight(origin: str) -> httpx.Response:
+            return httpx.options(
+                f"{platform.gateway_url}/v1/jobs",
+                headers={
+                    "Origin": origin,
+                    "Access-Control-Request-Method": "POST",
+                    "Access-Control-Request-Headers": "authorization,content-type",
+                },
+            )
+
+        allowed = preflight("https://app.example.com")
+        assert allowed.status_code == 200
+        assert allowed.headers["access-control-allow-origin"] == "https://app.example.com"
+        refused = preflight("https://evil.example.com")
+        assert "access-control-allow-origin" not in refused.headers

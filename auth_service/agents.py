@@ -8,13 +8,11 @@ from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from auth_service.accounts import active_user
-from auth_service.credentials import digest, new_secret
+from auth_service.credentials import LAST_USED_RESOLUTION, digest, new_secret
 from auth_service.models import AgentCredential, JoinToken, User
 from auth_service.settings import AuthSettings
 from common.errors import Conflict, Forbidden, Gone, Unauthorized
 from common.tokens import AGENT_PREFIX, JOIN_TOKEN_PREFIX
-
-LAST_USED_RESOLUTION = timedelta(seconds=60)
 
 
 def _now() -> datetime:

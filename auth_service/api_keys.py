@@ -5,15 +5,11 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from auth_service.credentials import digest, new_secret
+from auth_service.credentials import LAST_USED_RESOLUTION, digest, new_secret
 from auth_service.models import ApiKey, User
 from auth_service.settings import AuthSettings
 from common.errors import Conflict, Forbidden, NotFound
 from common.tokens import API_KEY_PREFIX
-
-# Writing last_used_at on every request would turn reads into writes; once a minute is
-# precise enough to tell a live key from a forgotten one.
-LAST_USED_RESOLUTION = timedelta(seconds=60)
 
 
 def _now() -> datetime:

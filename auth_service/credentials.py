@@ -2,6 +2,11 @@
 
 import hashlib
 import secrets
+from datetime import timedelta
+
+# Writing last_used_at on every request would turn reads into writes; once a minute is
+# precise enough to tell a live key or daemon from a forgotten one.
+LAST_USED_RESOLUTION = timedelta(seconds=60)
 
 
 def new_secret(prefix: str) -> str:

@@ -130,7 +130,6 @@ async def current_principal(
         kind=found["kind"],
         session_id=found.get("session_id"),
     )
-    request.state.principal_id = principal.id
     await request.app.state.limiter.check(
         "principal", principal.id, request.app.state.settings.rate_limit_per_principal
     )
@@ -168,7 +167,6 @@ async def current_agent(
     if not token.startswith(AGENT_PREFIX):
         raise Unauthorized("not a provider credential")
     found = await _authenticate(request, {"kind": "agent", "secret": token})
-    request.state.principal_id = found["provider_id"]
     await request.app.state.limiter.check(
         "agent", found["provider_id"], request.app.state.settings.rate_limit_per_agent
     )

@@ -29,10 +29,6 @@ _COMMON = {
 }  # fmt: skip
 
 
-def _now() -> datetime:
-    return datetime.now(UTC)
-
-
 def normalize_email(email: str) -> str:
     return email.strip().lower()
 
@@ -82,8 +78,12 @@ async def authenticate(
     email = normalize_email(email)
     key = digest(email)
     throttle = await session.get(LoginThrottle, key)
-    if throttle is not None and throttle.blocked_until and throttle.blocked_until > _now():
-        retry_after = (throttle.blocked_until - _now()).total_seconds()
+    if (
+        throttle is not None
+        and throttle.blocked_until
+        and throttle.blocked_until > datetime.now(UTC)
+    ):
+        retry_after = (throttle.blocked_until - datetime.now(UTC)).total_seconds()
         raise TooManyRequests(
             "too many failed logins for this email; try again later",
             retry_after=max(1, int(retry_after) + 1),
@@ -99,7 +99,7 @@ async def authenticate(
 
 
 async def _count_failure(session: AsyncSession, settings: AuthSettings, key: str) -> None:
-    now = _now()
+    now = datetime.now(UTC)
     failures = await session.scalar(
         insert(LoginThrottle)
         .values(email_hash=key, failures=1, updated_at=now)
@@ -144,7 +144,6 @@ async def set_disabled(session: AsyncSession, user_id: str, disabled: bool) -> U
     """Disabling ends every session now; API keys and daemons are refused while disabled."""
     user = await get_user(session, user_id)
     user.disabled = disabled
-    user.disabled_at = _now() if disabled else None
     if disabled:
         await sessions.revoke_all(session, user.id, "user disabled")
     await session.flush()

@@ -15,10 +15,6 @@ from common.errors import Conflict, Forbidden, Gone, Unauthorized
 from common.tokens import AGENT_PREFIX, JOIN_TOKEN_PREFIX
 
 
-def _now() -> datetime:
-    return datetime.now(UTC)
-
-
 async def create_join_token(
     session: AsyncSession, settings: AuthSettings, owner_id: str
 ) -> tuple[str, datetime]:
@@ -26,7 +22,7 @@ async def create_join_token(
     if "provider" not in owner.roles and "admin" not in owner.roles:
         raise Forbidden("only providers can create join tokens")
     token = new_secret(JOIN_TOKEN_PREFIX)
-    expires_at = _now() + timedelta(seconds=settings.join_token_ttl_s)
+    expires_at = datetime.now(UTC) + timedelta(seconds=settings.join_token_ttl_s)
     session.add(JoinToken(token_hash=digest(token), owner_id=owner.id, expires_at=expires_at))
     await session.flush()
     return token, expires_at
@@ -50,13 +46,13 @@ async def redeem_join_token(
         raise Unauthorized("invalid join token", field="token")
     if row.machine_id is not None and not hmac.compare_digest(row.machine_id, machine_id):
         raise Conflict("join token already used by another machine", field="token")
-    if row.expires_at <= _now():
+    if row.expires_at <= datetime.now(UTC):
         raise Gone("join token expired; create a new one", field="token")
     owner = await active_user(session, row.owner_id)
     if row.machine_id is None:
         row.machine_id = machine_id
         row.provider_id = str(uuid.uuid4())
-        row.used_at = _now()
+        row.used_at = datetime.now(UTC)
     assert row.provider_id is not None
     await revoke_credentials(session, row.provider_id)
     credential = new_secret(AGENT_PREFIX)
@@ -80,13 +76,13 @@ async def revoke_credentials(
     if for_good:
         await session.execute(
             update(JoinToken)
-            .where(JoinToken.provider_id == provider_id, JoinToken.expires_at > _now())
-            .values(expires_at=_now())
+            .where(JoinToken.provider_id == provider_id, JoinToken.expires_at > datetime.now(UTC))
+            .values(expires_at=datetime.now(UTC))
         )
     result = await session.execute(
         update(AgentCredential)
         .where(AgentCredential.provider_id == provider_id, AgentCredential.revoked_at.is_(None))
-        .values(revoked_at=_now())
+        .values(revoked_at=datetime.now(UTC))
     )
     return result.rowcount  # type: ignore[attr-defined]
 
@@ -105,7 +101,7 @@ async def resolve(session: AsyncSession, secret: str) -> AgentCredential | None:
     credential, owner_disabled = row
     if credential.revoked_at is not None or owner_disabled:
         return None
-    now = _now()
+    now = datetime.now(UTC)
     if credential.last_used_at is None or credential.last_used_at < now - LAST_USED_RESOLUTION:
         credential.last_used_at = now
     return credential

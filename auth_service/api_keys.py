@@ -12,10 +12,6 @@ from common.errors import Conflict, Forbidden, NotFound
 from common.tokens import API_KEY_PREFIX
 
 
-def _now() -> datetime:
-    return datetime.now(UTC)
-
-
 async def create(
     session: AsyncSession,
     settings: AuthSettings,
@@ -45,7 +41,7 @@ async def create(
         prefix=secret[: len(API_KEY_PREFIX) + 6],
         key_hash=digest(secret),
         roles=scope,
-        expires_at=_now() + timedelta(days=expires_in_days) if expires_in_days else None,
+        expires_at=datetime.now(UTC) + timedelta(days=expires_in_days) if expires_in_days else None,
     )
     session.add(key)
     await session.flush()
@@ -64,7 +60,7 @@ async def revoke(session: AsyncSession, user_id: str, key_id: str) -> ApiKey:
     if key is None:
         raise NotFound(f"API key {key_id} not found")
     if key.revoked_at is None:
-        key.revoked_at = _now()
+        key.revoked_at = datetime.now(UTC)
         await session.flush()
     return key
 
@@ -81,7 +77,7 @@ async def resolve(session: AsyncSession, secret: str) -> tuple[ApiKey, User] | N
     if row is None:
         return None
     key, user = row
-    now = _now()
+    now = datetime.now(UTC)
     if key.revoked_at is not None or (key.expires_at and key.expires_at <= now) or user.disabled:
         return None
     if key.last_used_at is None or key.last_used_at < now - LAST_USED_RESOLUTION:

@@ -23,10 +23,6 @@ from common.tokens import ALGORITHM
 _KEY_LOCK = 7_031_001
 
 
-def _now() -> datetime:
-    return datetime.now(UTC)
-
-
 def _new_key(activates_at: datetime) -> SigningKey:
     private = Ed25519PrivateKey.generate()
     kid = secrets.token_hex(8)
@@ -41,7 +37,7 @@ def _new_key(activates_at: datetime) -> SigningKey:
 
 
 async def _current(session: AsyncSession) -> SigningKey | None:
-    now = _now()
+    now = datetime.now(UTC)
     return await session.scalar(
         select(SigningKey)
         .where(
@@ -57,26 +53,28 @@ async def signing_key(session: AsyncSession, settings: AuthSettings) -> SigningK
     """The key that signs now; creates the first one, and rotates one that grew too old."""
     key = await _current(session)
     max_age = timedelta(days=settings.signing_key_max_age_days)
-    if key is not None and key.activates_at + max_age > _now():
+    if key is not None and key.activates_at + max_age > datetime.now(UTC):
         return key
     await session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _KEY_LOCK})
     key = await _current(session)
     if key is None:
-        key = _new_key(activates_at=_now())
+        key = _new_key(activates_at=datetime.now(UTC))
         session.add(key)
         await session.flush()
         return key
     pending = await session.scalar(
-        select(func.count()).select_from(SigningKey).where(SigningKey.activates_at > _now())
+        select(func.count())
+        .select_from(SigningKey)
+        .where(SigningKey.activates_at > datetime.now(UTC))
     )
-    if key.activates_at + max_age <= _now() and not pending:
+    if key.activates_at + max_age <= datetime.now(UTC) and not pending:
         await rotate(session, settings)
     return key
 
 
 async def rotate(session: AsyncSession, settings: AuthSettings) -> SigningKey:
     """Creates the next key, which starts signing after the activation delay."""
-    now = _now()
+    now = datetime.now(UTC)
     activates_at = now + timedelta(seconds=settings.signing_key_activation_delay_s)
     new = _new_key(activates_at)
     # Keys still signing hand over to the new one when it activates.
@@ -103,7 +101,7 @@ def _token_lifetime(settings: AuthSettings) -> timedelta:
 
 
 async def public_jwks(session: AsyncSession, settings: AuthSettings) -> dict:
-    cutoff = _now() - _token_lifetime(settings)
+    cutoff = datetime.now(UTC) - _token_lifetime(settings)
     keys = (
         await session.scalars(
             select(SigningKey)

@@ -27,7 +27,6 @@ class User(Base):
     password_hash: Mapped[str] = mapped_column(String(255))
     roles: Mapped[list[str]] = mapped_column(ARRAY(String(16)))
     disabled: Mapped[bool] = mapped_column(Boolean, default=False)
-    disabled_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 
 

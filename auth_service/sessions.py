@@ -27,13 +27,9 @@ class TokenPair:
     refresh_expires_in: int
 
 
-def _now() -> datetime:
-    return datetime.now(UTC)
-
-
 async def start(session: AsyncSession, settings: AuthSettings, user: User) -> TokenPair:
     auth_session = AuthSession(
-        user_id=user.id, expires_at=_now() + timedelta(seconds=settings.session_ttl_s)
+        user_id=user.id, expires_at=datetime.now(UTC) + timedelta(seconds=settings.session_ttl_s)
     )
     session.add(auth_session)
     await session.flush()
@@ -52,25 +48,25 @@ async def refresh(session: AsyncSession, settings: AuthSettings, refresh_token: 
     assert auth_session is not None
     if row.used_at is not None:
         if auth_session.revoked_at is None:
-            auth_session.revoked_at = _now()
+            auth_session.revoked_at = datetime.now(UTC)
             auth_session.revoked_reason = "refresh token reused"
         raise Unauthorized(
             "refresh token already used; the session was ended, log in again",
             field="refresh_token",
         )
-    if auth_session.revoked_at is not None or auth_session.expires_at <= _now():
+    if auth_session.revoked_at is not None or auth_session.expires_at <= datetime.now(UTC):
         raise Unauthorized("session ended; log in again", field="refresh_token")
     user = await session.get(User, auth_session.user_id)
     if user is None or user.disabled:
         raise Unauthorized("session ended; log in again", field="refresh_token")
-    row.used_at = _now()
+    row.used_at = datetime.now(UTC)
     return await _issue(session, settings, user, auth_session)
 
 
 async def _issue(
     session: AsyncSession, settings: AuthSettings, user: User, auth_session: AuthSession
 ) -> TokenPair:
-    now = _now()
+    now = datetime.now(UTC)
     key = await keys.signing_key(session, settings)
     # An access token never outlives its session.
     expires_at = min(now + timedelta(seconds=settings.access_token_ttl_s), auth_session.expires_at)
@@ -113,7 +109,7 @@ async def revoke(session: AsyncSession, session_id: str, user_id: str, reason: s
             AuthSession.user_id == user_id,
             AuthSession.revoked_at.is_(None),
         )
-        .values(revoked_at=_now(), revoked_reason=reason)
+        .values(revoked_at=datetime.now(UTC), revoked_reason=reason)
     )
 
 
@@ -121,5 +117,5 @@ async def revoke_all(session: AsyncSession, user_id: str, reason: str) -> None:
     await session.execute(
         update(AuthSession)
         .where(AuthSession.user_id == user_id, AuthSession.revoked_at.is_(None))
-        .values(revoked_at=_now(), revoked_reason=reason)
+        .values(revoked_at=datetime.now(UTC), revoked_reason=reason)
     )

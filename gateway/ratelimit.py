@@ -53,7 +53,3 @@ class RateLimiter:
             f"too many requests: the limit is {item}; retry in {retry_after} s",
             retry_after=retry_after,
         )
-
-    async def reset(self) -> None:
-        """Forgets every count."""
-        await self._storage.reset()

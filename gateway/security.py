@@ -42,6 +42,10 @@ class Principal:
         """Whose objects this principal may see: its own, or everyone's for an admin."""
         return None if self.is_admin else self.id
 
+    def owner_params(self) -> dict[str, str]:
+        """owner_filter() as the query of an internal service's listing."""
+        return {} if self.is_admin else {"owner_id": self.id}
+
 
 @dataclass(frozen=True)
 class Agent:

@@ -31,6 +31,6 @@ async def get_file(
 ) -> dict:
     if not is_uuid(file_id):
         raise NotFound(f"file {file_id} not found")
-    owner = principal.owner_filter()
-    params = {} if owner is None else {"owner_id": owner}
-    return await storage.request("GET", f"/internal/files/{file_id}", params=params)
+    return await storage.request(
+        "GET", f"/internal/files/{file_id}", params=principal.owner_params()
+    )

@@ -68,9 +68,7 @@ async def list_providers(
     registry: ServiceClient = Depends(deps.registry),
 ) -> list[dict]:
     """The caller's machines with their GPUs and state (every machine for an admin)."""
-    owner = principal.owner_filter()
-    params = {} if owner is None else {"owner_id": owner}
-    return await registry.request("GET", "/internal/providers", params=params)
+    return await registry.request("GET", "/internal/providers", params=principal.owner_params())
 
 
 @router.get("/v1/providers/{provider_id}", response_model=ProviderOut)
@@ -101,9 +99,9 @@ async def _owned_provider(registry: ServiceClient, provider_id: str, principal: 
     """The machine if the principal owns it (or is an admin); anyone else's is a 404."""
     if not is_uuid(provider_id):
         raise NotFound(f"provider {provider_id} not found")
-    owner = principal.owner_filter()
-    params = {} if owner is None else {"owner_id": owner}
-    return await registry.request("GET", f"/internal/providers/{provider_id}", params=params)
+    return await registry.request(
+        "GET", f"/internal/providers/{provider_id}", params=principal.owner_params()
+    )
 
 
 @router.get("/v1/offers", response_model=list[Offer])

@@ -85,7 +85,14 @@ class GpuMetrics(Contract):
     memory_used_mb: int | None = None
     temperature_c: float | None = None
     power_w: float | None = None
+    # Uncorrected ECC errors since the last driver load or GPU reset (None: no ECC).
     ecc_errors: int | None = None
+    # Critical XID errors the daemon saw on this GPU since it started.
+    xid_errors: int = 0
+    # False while the GPU must not take work (uncorrectable ECC, a recent XID error);
+    # the reason says which, so the owner knows what to fix.
+    healthy: bool = True
+    health_reason: str | None = None
 
 
 class Heartbeat(Contract):
@@ -96,3 +103,14 @@ class Heartbeat(Contract):
     draining: bool = False
     running_jobs: list[str] = Field(default_factory=list)
     gpus: list[GpuMetrics] = Field(default_factory=list)
+
+
+class ProviderLost(Contract):
+    """On provider.lost.<provider_id> (JetStream): a provider missed its heartbeats for
+    the TTL and went offline; the jobs it held must be run elsewhere."""
+
+    provider_id: str
+    at: datetime
+    last_heartbeat_at: datetime | None
+    # Jobs that held GPUs on the provider when it was declared lost.
+    job_ids: list[str] = Field(default_factory=list)

@@ -2,13 +2,21 @@
 
 import random
 import re
+import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, Protocol
 
 from common.messages import GpuMetrics
 from provider_daemon.errors import NvmlUnavailable, SimulateSpecError
+from provider_daemon.gpu_health import (
+    DEFAULT_XID_QUARANTINE_S,
+    XidWatcher,
+    memory_problems,
+    read_memory_health,
+)
 
 
 @dataclass(frozen=True)
@@ -18,6 +26,10 @@ class GpuInfo:
     model: str
     vram_mb: int
     compute_capability: str | None
+    # The fastest PCIe link this GPU and this machine allow together, not the current link,
+    # which drops to gen 1 when the GPU idles.
+    pcie_gen: int | None = None
+    pcie_width: int | None = None
 
 
 @dataclass(frozen=True)
@@ -39,6 +51,10 @@ class GpuSource(Protocol):
         """Current metrics per GPU; `busy` holds the UUIDs a job of ours runs on."""
         ...
 
+    def unhealthy(self) -> dict[str, str]:
+        """GPUs that must not take work now (UUID -> reason), cheap enough to ask any time."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -50,10 +66,32 @@ def _text(value: str | bytes) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
+def _maybe(fn: Callable[..., Any], *args: Any) -> Any:
+    """One reading, or None where this GPU does not support it (ECC on consumer cards)."""
+    try:
+        return fn(*args)
+    except Exception:
+        return None
+
+
+def _positive(value: Any) -> int | None:
+    if value is None:
+        return None
+    return int(value) or None  # NVML answers 0 where it cannot tell
+
+
 class NvmlGpus:
     """Reads the real GPUs through NVML (nvidia-ml-py); `nvml` is injectable for tests."""
 
-    def __init__(self, nvml: ModuleType | Any | None = None) -> None:
+    def __init__(
+        self,
+        nvml: ModuleType | Any | None = None,
+        xid_quarantine_s: float = DEFAULT_XID_QUARANTINE_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._xids: XidWatcher | None = None
+        # Memory problems per GPU as the latest metrics() call found them.
+        self._memory_problems: dict[str, list[str]] = {}
         if nvml is None:
             try:
                 import pynvml  # the module that nvidia-ml-py installs
@@ -79,6 +117,9 @@ class NvmlGpus:
         self._handles = {
             g.uuid: self.nvml.nvmlDeviceGetHandleByIndex(g.index) for g in self._inventory.gpus
         }
+        self._xids = XidWatcher(
+            self.nvml, self._handles, quarantine_s=xid_quarantine_s, clock=clock
+        )
 
     def _read_inventory(self) -> Inventory:
         nvml = self.nvml
@@ -89,65 +130,70 @@ class NvmlGpus:
             cuda = f"{raw // 1000}.{(raw % 1000) // 10}"
         except Exception:
             cuda = None
-        gpus: list[GpuInfo] = []
-        for index in range(nvml.nvmlDeviceGetCount()):
-            handle = nvml.nvmlDeviceGetHandleByIndex(index)
-            capability: str | None
-            try:
-                major, minor = nvml.nvmlDeviceGetCudaComputeCapability(handle)
-                capability = f"{major}.{minor}"
-            except Exception:
-                capability = None
-            gpus.append(
-                GpuInfo(
-                    index=index,
-                    uuid=_text(nvml.nvmlDeviceGetUUID(handle)),
-                    model=_text(nvml.nvmlDeviceGetName(handle)),
-                    vram_mb=int(nvml.nvmlDeviceGetMemoryInfo(handle).total) // 2**20,
-                    compute_capability=capability,
-                )
-            )
+        gpus = [self._read_gpu(index) for index in range(nvml.nvmlDeviceGetCount())]
         return Inventory(gpus=gpus, driver_version=driver, cuda_version=cuda, simulated=False)
+
+    def _read_gpu(self, index: int) -> GpuInfo:
+        nvml = self.nvml
+        handle = nvml.nvmlDeviceGetHandleByIndex(index)
+        capability = _maybe(nvml.nvmlDeviceGetCudaComputeCapability, handle)
+        gen = _maybe(nvml.nvmlDeviceGetMaxPcieLinkGeneration, handle)
+        width = _maybe(nvml.nvmlDeviceGetMaxPcieLinkWidth, handle)
+        return GpuInfo(
+            index=index,
+            uuid=_text(nvml.nvmlDeviceGetUUID(handle)),
+            model=_text(nvml.nvmlDeviceGetName(handle)),
+            vram_mb=int(nvml.nvmlDeviceGetMemoryInfo(handle).total) // 2**20,
+            compute_capability=f"{capability[0]}.{capability[1]}" if capability else None,
+            pcie_gen=_positive(gen),
+            pcie_width=_positive(width),
+        )
 
     def inventory(self) -> Inventory:
         return self._inventory
 
     def metrics(self, busy: set[str]) -> list[GpuMetrics]:
+        return [self._read_metrics(gpu_uuid, handle) for gpu_uuid, handle in self._handles.items()]
+
+    def _read_metrics(self, gpu_uuid: str, handle: Any) -> GpuMetrics:
         nvml = self.nvml
+        util = _maybe(nvml.nvmlDeviceGetUtilizationRates, handle)
+        memory = _maybe(nvml.nvmlDeviceGetMemoryInfo, handle)
+        temp = _maybe(nvml.nvmlDeviceGetTemperature, handle, nvml.NVML_TEMPERATURE_GPU)
+        power_mw = _maybe(nvml.nvmlDeviceGetPowerUsage, handle)
+        health = read_memory_health(nvml, handle)
+        self._memory_problems[gpu_uuid] = memory_problems(health)
+        reasons = self._reasons(gpu_uuid)
+        return GpuMetrics(
+            uuid=gpu_uuid,
+            utilization_pct=float(util.gpu) if util is not None else None,
+            memory_used_mb=int(memory.used) // 2**20 if memory is not None else None,
+            temperature_c=float(temp) if temp is not None else None,
+            power_w=power_mw / 1000.0 if power_mw is not None else None,
+            ecc_errors=health.ecc_uncorrected,
+            xid_errors=self._xids.count(gpu_uuid) if self._xids else 0,
+            healthy=not reasons,
+            health_reason="; ".join(reasons) or None,
+        )
 
-        def read(fn: Any, *args: Any) -> Any:
-            # A GPU that does not support one reading (ECC on consumer cards) still
-            # reports the others.
-            try:
-                return fn(*args)
-            except Exception:
-                return None
+    def _reasons(self, gpu_uuid: str) -> list[str]:
+        xid = self._xids.problem(gpu_uuid) if self._xids else None
+        return [*self._memory_problems.get(gpu_uuid, []), *([xid] if xid else [])]
 
-        out: list[GpuMetrics] = []
-        for gpu_uuid, handle in self._handles.items():
-            util = read(nvml.nvmlDeviceGetUtilizationRates, handle)
-            memory = read(nvml.nvmlDeviceGetMemoryInfo, handle)
-            temp = read(nvml.nvmlDeviceGetTemperature, handle, nvml.NVML_TEMPERATURE_GPU)
-            power_mw = read(nvml.nvmlDeviceGetPowerUsage, handle)
-            ecc = read(
-                nvml.nvmlDeviceGetTotalEccErrors,
-                handle,
-                nvml.NVML_MEMORY_ERROR_TYPE_UNCORRECTED,
-                nvml.NVML_VOLATILE_ECC,
-            )
-            out.append(
-                GpuMetrics(
-                    uuid=gpu_uuid,
-                    utilization_pct=float(util.gpu) if util is not None else None,
-                    memory_used_mb=int(memory.used) // 2**20 if memory is not None else None,
-                    temperature_c=float(temp) if temp is not None else None,
-                    power_w=power_mw / 1000.0 if power_mw is not None else None,
-                    ecc_errors=int(ecc) if ecc is not None else None,
-                )
-            )
+    def unhealthy(self) -> dict[str, str]:
+        """Memory problems as the latest metrics() call found them, XID quarantines as of now."""
+        out: dict[str, str] = {}
+        for gpu_uuid in self._handles:
+            reasons = self._reasons(gpu_uuid)
+            if reasons:
+                out[gpu_uuid] = "; ".join(reasons)
         return out
 
     def close(self) -> None:
+        # The event thread must be gone before NVML shuts down under it.
+        if self._xids is not None:
+            self._xids.close()
+            self._xids = None
         try:
             self.nvml.nvmlShutdown()
         except Exception:
@@ -246,6 +292,7 @@ class SimulatedGpus:
     def __init__(self, spec: str, machine_id: str) -> None:
         gpus: list[GpuInfo] = []
         self._power: dict[str, float] = {}
+        self._faults: dict[str, str] = {}
         for entry in parse_simulate(spec):
             for _ in range(entry.count):
                 index = len(gpus)
@@ -266,7 +313,20 @@ class SimulatedGpus:
     def inventory(self) -> Inventory:
         return self._inventory
 
+    def set_fault(self, gpu_uuid: str, reason: str | None) -> None:
+        """Makes one simulated GPU unhealthy for `reason`; None makes it healthy again."""
+        if gpu_uuid not in self._inventory.uuids:
+            raise ValueError(f"no simulated GPU {gpu_uuid}")
+        if reason is None:
+            self._faults.pop(gpu_uuid, None)
+        else:
+            self._faults[gpu_uuid] = reason
+
+    def unhealthy(self) -> dict[str, str]:
+        return dict(self._faults)
+
     def metrics(self, busy: set[str]) -> list[GpuMetrics]:
+        faults = self.unhealthy()
         out: list[GpuMetrics] = []
         for gpu in self._inventory.gpus:
             load = self._rng.uniform(0.85, 0.99) if gpu.uuid in busy else self._rng.uniform(0, 0.02)
@@ -279,6 +339,8 @@ class SimulatedGpus:
                     temperature_c=round(34 + 45 * load + self._rng.uniform(-1, 1), 1),
                     power_w=round(tdp * (0.08 + 0.9 * load), 1),
                     ecc_errors=0,
+                    healthy=gpu.uuid not in faults,
+                    health_reason=faults.get(gpu.uuid),
                 )
             )
         return out
@@ -287,8 +349,12 @@ class SimulatedGpus:
         pass
 
 
-def open_gpus(simulate: str | None, machine_id: str) -> GpuSource:
+def open_gpus(
+    simulate: str | None,
+    machine_id: str,
+    xid_quarantine_s: float = DEFAULT_XID_QUARANTINE_S,
+) -> GpuSource:
     """NVML unless --simulate was given; raises NvmlUnavailable with a clear message."""
     if simulate:
         return SimulatedGpus(simulate, machine_id)
-    return NvmlGpus()
+    return NvmlGpus(xid_quarantine_s=xid_quarantine_s)

@@ -26,6 +26,9 @@ T = TypeVar("T")
 LABEL_JOB = "gpumarket.job_id"
 LABEL_ATTEMPT = "gpumarket.attempt"
 LABEL_PROVIDER = "gpumarket.provider_id"
+# Marks the short-lived containers of the machine check (provider_daemon.preflight).
+LABEL_PREFLIGHT = "gpumarket.preflight"
+DEFAULT_PIDS_LIMIT = 4096
 
 
 @dataclass(frozen=True)
@@ -40,7 +43,7 @@ class ContainerSpec:
     gpu_uuids: list[str]
     # Simulated GPUs have no device to hand to the container.
     real_gpus: bool
-    pids_limit: int = 4096
+    pids_limit: int = DEFAULT_PIDS_LIMIT
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -48,6 +51,27 @@ def explain(exc: Exception) -> str:
     """The engine's own words, without docker-py's URL-laden prefix."""
     text = getattr(exc, "explanation", None) or str(exc) or type(exc).__name__
     return str(text).strip()
+
+
+def hardening(pids_limit: int = DEFAULT_PIDS_LIMIT) -> dict[str, Any]:
+    """containers.create() arguments every container of ours gets, jobs and checks alike."""
+    return {
+        # A stranger's code on the owner's machine: no network, no privileges.
+        "network_mode": "none",
+        "cap_drop": ["ALL"],
+        "security_opt": ["no-new-privileges"],
+        # Podman on hosts without systemd refuses containers without explicit ulimits.
+        "ulimits": [
+            Ulimit(name="nofile", soft=1024, hard=1024),
+            Ulimit(name="nproc", soft=1024, hard=1024),
+        ],
+        "pids_limit": pids_limit,
+    }
+
+
+def gpu_requests(gpu_uuids: list[str], capabilities: list[str]) -> list[DeviceRequest]:
+    """Hands exactly these NVIDIA GPUs (by UUID) to a container."""
+    return [DeviceRequest(driver="nvidia", device_ids=gpu_uuids, capabilities=[capabilities])]
 
 
 def _in_thread(fn: Callable[[], T]) -> "asyncio.Future[T]":
@@ -125,23 +149,12 @@ class Containers:
                 str(spec.inputs_dir): {"bind": "/inputs", "mode": "ro"},
                 str(spec.outputs_dir): {"bind": "/outputs", "mode": "rw"},
             },
-            # A stranger's code on the owner's machine: no network, no privileges.
-            "network_mode": "none",
-            "cap_drop": ["ALL"],
-            "security_opt": ["no-new-privileges"],
-            # Podman on hosts without systemd refuses containers without explicit ulimits.
-            "ulimits": [
-                Ulimit(name="nofile", soft=1024, hard=1024),
-                Ulimit(name="nproc", soft=1024, hard=1024),
-            ],
-            "pids_limit": spec.pids_limit,
+            **hardening(spec.pids_limit),
             "detach": True,
             **spec.extra,
         }
         if spec.real_gpus:
-            kwargs["device_requests"] = [
-                DeviceRequest(driver="nvidia", device_ids=spec.gpu_uuids, capabilities=[["gpu"]])
-            ]
+            kwargs["device_requests"] = gpu_requests(spec.gpu_uuids, ["gpu"])
         try:
             return await asyncio.to_thread(self.client.containers.create, spec.image, **kwargs)
         except APIError as exc:
@@ -153,6 +166,37 @@ class Containers:
             return await asyncio.to_thread(self.client.containers.create, spec.image, **kwargs)
         except Exception as exc:
             raise InfrastructureError(f"creating the container: {explain(exc)}") from None
+
+    async def engine_version(self) -> str:
+        """E.g. "Docker 27.3.1" or "Podman 4.3.1"; engine errors propagate."""
+        info: dict[str, Any] = await asyncio.to_thread(self.client.version)
+        names = " ".join(str(c.get("Name", "")) for c in info.get("Components") or [])
+        engine = "Podman" if "podman" in names.lower() else "Docker"
+        return f"{engine} {info.get('Version', 'unknown version')}"
+
+    async def create_check(
+        self, name: str, image: str, command: list[str], gpu_uuids: list[str] | None
+    ) -> Container:
+        """A short-lived container for the machine check: the jobs' hardening, no mounts,
+        labelled LABEL_PREFLIGHT, given `gpu_uuids` like a job would be. The engine's
+        APIError propagates as is, so the check can read the engine's own words."""
+        kwargs: dict[str, Any] = {
+            "name": name,
+            "command": command,
+            "labels": {LABEL_PREFLIGHT: "1"},
+            **hardening(),
+            "detach": True,
+        }
+        if gpu_uuids is not None:
+            # As for a job (runner._spec), plus "utility": with it the NVIDIA toolkit mounts
+            # nvidia-smi into any image, so the check needs no CUDA image.
+            kwargs["environment"] = {"NVIDIA_VISIBLE_DEVICES": ",".join(gpu_uuids)}
+            kwargs["device_requests"] = gpu_requests(gpu_uuids, ["gpu", "utility"])
+        return await asyncio.to_thread(self.client.containers.create, image, **kwargs)
+
+    async def output(self, container: Container) -> bytes:
+        """Everything a stopped container wrote, stdout and stderr interleaved."""
+        return await asyncio.to_thread(container.logs, stdout=True, stderr=True)
 
     async def start(self, container: Container) -> None:
         await asyncio.to_thread(container.start)

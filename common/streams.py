@@ -43,6 +43,15 @@ STREAMS: list[StreamConfig] = [
         discard=DiscardPolicy.OLD,
         duplicate_window=120.0,
     ),
+    # Fleet events (provider.lost.<id>) for the scheduler; kept a week for the record.
+    StreamConfig(
+        name=subjects.PROVIDERS_STREAM,
+        subjects=["provider.>"],
+        retention=RetentionPolicy.LIMITS,
+        storage=StorageType.FILE,
+        max_age=7 * DAY_S,
+        duplicate_window=120.0,
+    ),
 ]
 
 

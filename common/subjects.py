@@ -8,6 +8,7 @@ JOBS_STREAM = "JOBS"
 TASKS_STREAM = "TASKS"
 EVENTS_STREAM = "EVENTS"
 LOGS_STREAM = "LOGS"
+PROVIDERS_STREAM = "PROVIDERS"
 
 JOB_SUBMITTED = "jobs.submitted"
 SCHEDULER_DURABLE = "scheduler"
@@ -39,6 +40,15 @@ def heartbeat_subject(provider_id: str) -> str:
 
 
 HEARTBEATS_WILDCARD = "heartbeats.*"
+# Registry replicas share the heartbeats: each one is ingested by one replica.
+HEARTBEATS_QUEUE = "provider-registry"
+
+
+def provider_lost_subject(provider_id: str) -> str:
+    return f"provider.lost.{provider_id}"
+
+
+PROVIDER_LOST_WILDCARD = "provider.lost.*"
 
 
 def msg_id(job_id: str, attempt: int, kind: str) -> str:

@@ -1,13 +1,19 @@
 """/internal routes of provider_registry, called by the gateway."""
 
-from decimal import Decimal
+from typing import Annotated
 
-from fastapi import APIRouter, Depends, Request, Response, status
+from fastapi import APIRouter, Depends, Query, Request, Response, status
 
 from common import subjects
 from common.service_app import get_sessionmaker
-from provider_registry import service
-from provider_registry.schemas import Offer, ProviderOut, ProviderRegistration, Suspended
+from provider_registry import offers, service
+from provider_registry.schemas import (
+    OfferFilters,
+    OfferPage,
+    ProviderOut,
+    ProviderRegistration,
+    Suspended,
+)
 
 internal = APIRouter(prefix="/internal")
 Db = Depends(get_sessionmaker)
@@ -34,22 +40,35 @@ async def get_provider(provider_id: str, owner_id: str | None = None, db=Db) -> 
         return await service.get_provider(session, provider_id, owner_id)
 
 
-@internal.get("/offers", response_model=list[Offer])
-async def list_offers(
-    request: Request,
-    model: str | None = None,
-    min_vram_gb: float | None = None,
-    max_price: Decimal | None = None,
-    db=Db,
-) -> list[Offer]:
-    async with db.begin() as session:
-        return await service.list_offers(
+@internal.get("/offers", response_model=OfferPage)
+async def search_offers(
+    request: Request, query: Annotated[OfferFilters, Query()], db=Db
+) -> OfferPage:
+    async with db() as session:
+        return await offers.search_offers(
             session,
-            model,
-            min_vram_gb,
-            max_price,
-            include_simulated=request.app.state.settings.dev_mode,
+            offers.query_from(query, include_simulated=request.app.state.settings.dev_mode),
         )
+
+
+@internal.post("/providers/{provider_id}/drain", response_model=ProviderOut)
+async def drain(provider_id: str, db=Db) -> ProviderOut:
+    async with db.begin() as session:
+        return service.provider_out(await service.set_drain(session, provider_id, True))
+
+
+@internal.post("/providers/{provider_id}/resume", response_model=ProviderOut)
+async def resume(provider_id: str, request: Request, db=Db) -> ProviderOut:
+    async with db.begin() as session:
+        out = service.provider_out(await service.set_drain(session, provider_id, False))
+    await request.app.state.nc.publish(subjects.CAPACITY_CHANGED, b"")
+    return out
+
+
+@internal.post("/providers/{provider_id}/leave", response_model=ProviderOut)
+async def leave(provider_id: str, db=Db) -> ProviderOut:
+    async with db.begin() as session:
+        return service.provider_out(await service.leave(session, provider_id))
 
 
 @internal.post("/owners/{owner_id}/suspend", response_model=Suspended)

@@ -7,6 +7,7 @@ from fastapi import Depends, FastAPI
 
 from common.http import internal_auth_dependency
 from common.service_app import create_service_app, nats_connected
+from common.streams import ensure_streams
 from provider_registry.api import internal
 from provider_registry.heartbeats import HeartbeatIngest
 from provider_registry.settings import RegistrySettings
@@ -16,10 +17,17 @@ def create_app(settings: RegistrySettings | None = None) -> FastAPI:
     settings = settings or RegistrySettings()
 
     async def startup(app: FastAPI) -> None:
-        app.state.nc = await nats.connect(settings.nats_url, max_reconnect_attempts=-1)
+        ingest = HeartbeatIngest(app.state.sessionmaker, settings)
+        app.state.nc = await nats.connect(
+            settings.nats_url,
+            max_reconnect_attempts=-1,
+            disconnected_cb=ingest.on_disconnected,
+            reconnected_cb=ingest.on_reconnected,
+        )
+        await ensure_streams(app.state.nc.jetstream())
         app.state.stop = asyncio.Event()
-        ingest = HeartbeatIngest(app.state.nc, app.state.sessionmaker, settings)
-        app.state.ingest_task = asyncio.create_task(ingest.run(app.state.stop))
+        app.state.ingest = ingest
+        app.state.ingest_task = asyncio.create_task(ingest.run(app.state.nc, app.state.stop))
 
     async def shutdown(app: FastAPI) -> None:
         app.state.stop.set()

@@ -51,6 +51,7 @@ def _free_on_online(request: GpuRequest) -> list:
     return [
         *_matching(request),
         Gpu.reserved_job_id.is_(None),
+        Gpu.healthy.is_(True),
         Provider.state == ONLINE,
         Provider.suspended_reason.is_(None),
     ]
@@ -68,9 +69,10 @@ async def reserve(
         select(Gpu.provider_id, func.max(Gpu.price_per_hour).label("price"))
         .join(Provider, Provider.id == Gpu.provider_id)
         .where(*_free_on_online(request), Gpu.provider_id.not_in(avoid or []))
-        .group_by(Gpu.provider_id)
+        .group_by(Gpu.provider_id, Provider.id)
         .having(func.count() >= request.count)
-        .order_by("price", Gpu.provider_id)
+        # At one price, the machine most likely to finish the job.
+        .order_by("price", Provider.reliability.desc(), Gpu.provider_id)
         .limit(CANDIDATE_PROVIDERS)
     )
     for provider_id, _ in (await session.execute(candidates)).all():

@@ -1,25 +1,24 @@
 """Providers, offers, heartbeats and liveness. Callers own the transaction."""
 
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from decimal import Decimal
 
-from sqlalchemy import bindparam, func, select, update
+from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import selectinload
 
 from common.errors import Conflict, NotFound
 from common.gpu_models import canonical_model
-from common.messages import Heartbeat
 from provider_registry.models import (
     CREDENTIAL_REVOKED,
     DRAINING,
-    OFFLINE,
+    LEFT,
     ONLINE,
     OWNER_DISABLED,
     Gpu,
     Provider,
 )
-from provider_registry.schemas import GpuOut, Offer, ProviderOut, ProviderRegistration
+from provider_registry.schemas import GpuOut, ProviderOut, ProviderRegistration
 
 DEFAULT_PRICE = Decimal("0.50")
 
@@ -34,10 +33,13 @@ async def register_provider(session: AsyncSession, reg: ProviderRegistration) ->
         raise Conflict("provider id belongs to another machine", field="provider_id")
     provider.name = reg.name
     provider.region = reg.region
+    provider.labels = dict(reg.labels)
     provider.simulated = reg.simulated
     provider.driver_version = reg.driver_version
     provider.cuda_version = reg.cuda_version
-    provider.state = ONLINE
+    # A joining daemon is alive now; an owner's drain request survives a re-join.
+    provider.state = DRAINING if provider.drain_requested else ONLINE
+    provider.left_at = None
     provider.last_heartbeat_at = datetime.now(UTC)
 
     prices = {canonical_model(model): price for model, price in reg.prices.items()}
@@ -54,6 +56,8 @@ async def register_provider(session: AsyncSession, reg: ProviderRegistration) ->
         gpu.model = canonical_model(spec.model)
         gpu.vram_mb = spec.vram_mb
         gpu.compute_capability = spec.compute_capability
+        gpu.pcie_gen = spec.pcie_gen
+        gpu.pcie_width = spec.pcie_width
         gpu.price_per_hour = prices.get(gpu.model, DEFAULT_PRICE)
         gpu.simulated = reg.simulated
     await session.flush()
@@ -65,9 +69,15 @@ def provider_out(p: Provider) -> ProviderOut:
         id=p.id,
         name=p.name,
         region=p.region,
+        labels=p.labels or {},
         state=p.state,
+        drain_requested=p.drain_requested,
         suspended_reason=p.suspended_reason,
         simulated=p.simulated,
+        driver_version=p.driver_version,
+        cuda_version=p.cuda_version,
+        reliability=p.reliability,
+        uptime=p.uptime,
         last_heartbeat_at=p.last_heartbeat_at,
         created_at=p.created_at,
         gpus=[
@@ -77,23 +87,34 @@ def provider_out(p: Provider) -> ProviderOut:
                 model=g.model,
                 vram_mb=g.vram_mb,
                 compute_capability=g.compute_capability,
+                pcie_gen=g.pcie_gen,
+                pcie_width=g.pcie_width,
                 price_per_gpu_hour=g.price_per_hour,
                 simulated=g.simulated,
                 busy=g.reserved_job_id is not None,
+                healthy=g.healthy,
+                health_reason=g.health_reason,
                 utilization_pct=g.utilization_pct,
                 memory_used_mb=g.memory_used_mb,
                 temperature_c=g.temperature_c,
                 power_w=g.power_w,
+                ecc_errors=g.ecc_errors,
+                xid_errors=g.xid_errors,
+                metrics_at=g.metrics_at,
             )
             for g in p.gpus
         ],
     )
 
 
-async def list_providers(session: AsyncSession, owner_id: str | None) -> list[ProviderOut]:
+async def list_providers(
+    session: AsyncSession, owner_id: str | None, include_left: bool = False
+) -> list[ProviderOut]:
     query = select(Provider).options(selectinload(Provider.gpus)).order_by(Provider.created_at)
     if owner_id is not None:
         query = query.where(Provider.owner_id == owner_id)
+    if not include_left:
+        query = query.where(Provider.state != LEFT)
     return [provider_out(p) for p in (await session.scalars(query)).all()]
 
 
@@ -139,116 +160,37 @@ async def suspend_revoked(session: AsyncSession, provider_id: str) -> None:
     )
 
 
-async def list_offers(
-    session: AsyncSession,
-    model: str | None = None,
-    min_vram_gb: float | None = None,
-    max_price: Decimal | None = None,
-    include_simulated: bool = True,
-) -> list[Offer]:
-    """Free GPUs on online machines, one offer per machine and model, cheapest first."""
-    query = (
-        select(
-            Provider.id,
-            Provider.name,
-            Provider.region,
-            Gpu.model,
-            func.min(Gpu.vram_mb),
-            func.max(Gpu.price_per_hour),
-            func.count(),
-            Provider.simulated,
-        )
-        .join(Gpu, Gpu.provider_id == Provider.id)
-        .where(
-            Provider.state == ONLINE,
-            Provider.suspended_reason.is_(None),
-            Gpu.reserved_job_id.is_(None),
-        )
-        .group_by(Provider.id, Gpu.model)
-        .order_by(func.max(Gpu.price_per_hour), Provider.id)
+async def _provider_for_update(session: AsyncSession, provider_id: str) -> Provider:
+    provider = await session.get(
+        Provider, provider_id, options=[selectinload(Provider.gpus)], with_for_update=True
     )
-    if model:
-        query = query.where(Gpu.model == canonical_model(model))
-    if min_vram_gb is not None:
-        query = query.where(Gpu.vram_mb >= int(min_vram_gb * 1024))
-    if max_price is not None:
-        query = query.where(Gpu.price_per_hour <= max_price)
-    if not include_simulated:
-        query = query.where(Provider.simulated.is_(False))
-    rows = (await session.execute(query)).all()
-    return [
-        Offer(
-            provider_id=pid,
-            provider_name=name,
-            region=region,
-            model=m,
-            vram_gb=round(vram / 1024, 1),
-            price_per_gpu_hour=price,
-            free_gpus=free,
-            simulated=sim,
+    if provider is None or provider.state == LEFT:
+        raise NotFound(f"provider {provider_id} not found")
+    return provider
+
+
+async def set_drain(session: AsyncSession, provider_id: str, drain: bool) -> Provider:
+    """Drain: running tasks finish, no new one is placed. Resume undoes it."""
+    provider = await _provider_for_update(session, provider_id)
+    provider.drain_requested = drain
+    if provider.state in (ONLINE, DRAINING):
+        provider.state = DRAINING if drain else ONLINE
+    await session.flush()
+    return provider
+
+
+async def leave(session: AsyncSession, provider_id: str) -> Provider:
+    """Takes the machine off the platform for good; refused while it still runs tasks,
+    so nobody's job is cut short by an owner's exit."""
+    provider = await _provider_for_update(session, provider_id)
+    busy = sorted({g.reserved_job_id for g in provider.gpus if g.reserved_job_id})
+    if busy:
+        raise Conflict(
+            f"the machine still runs {len(busy)} task(s); drain it and wait for them to end",
+            field="provider_id",
         )
-        for pid, name, region, m, vram, price, free, sim in rows
-    ]
-
-
-async def ingest_heartbeats(session: AsyncSession, beats: list[Heartbeat]) -> list[str]:
-    """Applies a batch of heartbeats in one transaction; returns providers back online.
-
-    Liveness uses the platform's clock, never the daemon's: a machine whose clock runs
-    ahead must not look alive for longer, nor one that runs behind look dead.
-    """
-    if not beats:
-        return []
-    revived = (
-        await session.scalars(
-            select(Provider.id).where(
-                Provider.id.in_([b.provider_id for b in beats]), Provider.state == OFFLINE
-            )
-        )
-    ).all()
-    providers = Provider.__table__
-    await session.execute(
-        update(providers)
-        .where(providers.c.id == bindparam("p_id"))
-        .values(last_heartbeat_at=func.now(), state=bindparam("p_state")),
-        [{"p_id": b.provider_id, "p_state": DRAINING if b.draining else ONLINE} for b in beats],
-    )
-    metrics = [
-        {
-            "p_id": b.provider_id,
-            "g_uuid": g.uuid,
-            "util": g.utilization_pct,
-            "mem": g.memory_used_mb,
-            "temp": g.temperature_c,
-            "power": g.power_w,
-        }
-        for b in beats
-        for g in b.gpus
-    ]
-    if metrics:
-        gpus = Gpu.__table__
-        await session.execute(
-            update(gpus)
-            .where(gpus.c.provider_id == bindparam("p_id"), gpus.c.uuid == bindparam("g_uuid"))
-            .values(
-                utilization_pct=bindparam("util"),
-                memory_used_mb=bindparam("mem"),
-                temperature_c=bindparam("temp"),
-                power_w=bindparam("power"),
-                metrics_at=func.now(),
-            ),
-            metrics,
-        )
-    return list(revived)
-
-
-async def mark_silent_offline(session: AsyncSession, ttl_s: float) -> list[str]:
-    """Providers whose last heartbeat is older than the TTL go offline; returns their ids."""
-    cutoff = datetime.now(UTC) - timedelta(seconds=ttl_s)
-    result = await session.scalars(
-        update(Provider)
-        .where(Provider.state != OFFLINE, Provider.last_heartbeat_at < cutoff)
-        .values(state=OFFLINE)
-        .returning(Provider.id)
-    )
-    return list(result.all())
+    provider.state = LEFT
+    provider.drain_requested = True
+    provider.left_at = datetime.now(UTC)
+    await session.flush()
+    return provider

@@ -13,7 +13,7 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from common.messages import JobEvent
-from provider_registry import capacity
+from provider_registry import capacity, reliability
 from scheduler import states
 from scheduler.models import Job, JobOutput
 
@@ -81,6 +81,8 @@ async def _finish(session: AsyncSession, job: Job, event: JobEvent, effect: Effe
         job.finished_at = event.at
         return
     infrastructure = event.type == "rejected" or event.outcome == "infrastructure"
+    # Once per attempt: a replayed event is stale by now (attempt moved on or job ended).
+    await reliability.record_task_outcome(session, event.provider_id, infrastructure)
     if infrastructure and job.attempt < job.retries:
         # Not the user's fault: run it again elsewhere.
         job.avoid_providers = [*job.avoid_providers, event.provider_id]

@@ -1,4 +1,5 @@
 import uuid
+from datetime import UTC, datetime
 from decimal import Decimal
 
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -14,6 +15,12 @@ async def create_provider(
     price: str = "0.50",
     state: str = ONLINE,
     simulated: bool = False,
+    region: str | None = None,
+    labels: dict[str, str] | None = None,
+    compute_capability: str | None = "8.9",
+    cuda_version: str | None = "12.4",
+    reliability: float = 1.0,
+    pcie: tuple[int, int] | None = (4, 16),
 ) -> Provider:
     provider_id = str(uuid.uuid4())
     provider = Provider(
@@ -23,6 +30,11 @@ async def create_provider(
         name="m",
         state=state,
         simulated=simulated,
+        region=region,
+        labels=labels or {},
+        cuda_version=cuda_version,
+        reliability=reliability,
+        last_heartbeat_at=datetime.now(UTC),
         gpus=[
             Gpu(
                 uuid=f"GPU-{provider_id[:8]}-{i}",
@@ -31,6 +43,9 @@ async def create_provider(
                 vram_mb=vram_mb,
                 price_per_hour=Decimal(price),
                 simulated=simulated,
+                compute_capability=compute_capability,
+                pcie_gen=pcie[0] if pcie else None,
+                pcie_width=pcie[1] if pcie else None,
             )
             for i in range(gpus)
         ],

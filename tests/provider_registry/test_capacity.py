@@ -6,9 +6,10 @@ from decimal import Decimal
 
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
-from provider_registry import capacity, service
+from provider_registry import capacity, offers, service
 from provider_registry.capacity import GpuRequest
 from provider_registry.models import OFFLINE
+from provider_registry.offers import OfferQuery
 from tests.provider_registry.factories import create_provider
 
 
@@ -99,7 +100,8 @@ class TestSuspension:
             assert await service.suspend_owner(session, machine.owner_id) == 1
         assert await reserve(db, GpuRequest(count=1, models=["A10"])) is None
         async with db.begin() as session:
-            assert await service.list_offers(session, "A10") == []
+            page = await offers.search_offers(session, OfferQuery(models=["A10"]))
+            assert page.offers == [] and page.total == 0
             # Re-enabling the owner brings back what disabling took, not a revoked machine.
             assert await service.resume_owner(session, machine.owner_id) == 1
         assert (await reserve(db, GpuRequest(count=1, models=["A10"]))).provider_id == machine.id

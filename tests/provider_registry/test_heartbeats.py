@@ -7,7 +7,7 @@ from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlalchemy.orm import selectinload
 
 from common.messages import GpuMetrics, Heartbeat
-from provider_registry import service
+from provider_registry import liveness
 from provider_registry.heartbeats import HeartbeatIngest
 from provider_registry.models import DRAINING, OFFLINE, ONLINE, Provider
 from provider_registry.settings import RegistrySettings
@@ -32,7 +32,7 @@ class TestIngest:
         an_hour_behind = datetime.now(UTC) - timedelta(hours=1)
         gpu = provider.gpus[0].uuid
         async with db.begin() as session:
-            revived = await service.ingest_heartbeats(
+            revived = await liveness.ingest_heartbeats(
                 session,
                 [
                     beat(
@@ -49,7 +49,7 @@ class TestIngest:
         assert fresh.gpus[0].utilization_pct == 42.0 and fresh.gpus[0].temperature_c == 61.0
         # So a TTL of 30 s does not take it offline on account of its slow clock.
         async with db.begin() as session:
-            assert await service.mark_silent_offline(session, ttl_s=30) == []
+            assert await liveness.mark_silent_offline(session, ttl_s=30) == []
 
     async def test_a_batch_updates_every_provider_once(self, db: async_sessionmaker) -> None:
         async with db.begin() as session:
@@ -58,7 +58,7 @@ class TestIngest:
         now = datetime.now(UTC)
         async with db.begin() as session:
             assert (
-                await service.ingest_heartbeats(
+                await liveness.ingest_heartbeats(
                     session, [beat(a, now), beat(b, now, draining=True)]
                 )
                 == []
@@ -71,7 +71,7 @@ class TestIngest:
             provider = await create_provider(session)
             provider.last_heartbeat_at = datetime.now(UTC) - timedelta(minutes=5)
         async with db.begin() as session:
-            assert await service.mark_silent_offline(session, ttl_s=30) == [provider.id]
+            assert await liveness.mark_silent_offline(session, ttl_s=30) == [provider.id]
         assert (await reload(db, provider.id)).state == OFFLINE
 
 
@@ -87,7 +87,7 @@ class _FailingSessions:
 
 
 def _ingest(sessions: _FailingSessions) -> HeartbeatIngest:
-    return HeartbeatIngest(None, sessions, RegistrySettings(dev_mode=True))  # type: ignore[arg-type]
+    return HeartbeatIngest(sessions, RegistrySettings(dev_mode=True))  # type: ignore[arg-type]
 
 
 async def test_a_failed_flush_keeps_its_batch_for_the_next() -> None:

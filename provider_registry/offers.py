@@ -1,0 +1,173 @@
+"""The market: free GPUs on online machines, searched like Vast.ai's offers.
+
+One offer is one machine's free GPUs of one model. Filters narrow the GPUs and the
+machines; sorting and paging work over the offers.
+"""
+
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import ColumnElement, Integer, and_, cast, func, select
+from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from common.gpu_models import canonical_model
+from provider_registry.models import ONLINE, Gpu, Provider
+from provider_registry.schemas import Offer, OfferFilters, OfferPage, OfferSort
+
+
+@dataclass(frozen=True)
+class OfferQuery:
+    models: list[str] = field(default_factory=list)
+    min_vram_gb: float | None = None
+    min_compute_capability: str | None = None
+    min_cuda_version: str | None = None
+    max_price: Decimal | None = None
+    regions: list[str] = field(default_factory=list)
+    min_reliability: float | None = None
+    # Free GPUs of the model on one machine, for multi-GPU jobs.
+    min_gpus: int = 1
+    labels: dict[str, str] = field(default_factory=dict)
+    include_simulated: bool = False
+    sort: OfferSort = "price"
+    limit: int = 50
+    offset: int = 0
+
+
+def query_from(filters: OfferFilters, include_simulated: bool) -> OfferQuery:
+    return OfferQuery(
+        models=list(filters.model),
+        min_vram_gb=filters.min_vram_gb,
+        min_compute_capability=filters.min_compute_capability,
+        min_cuda_version=filters.min_cuda_version,
+        max_price=filters.max_price,
+        regions=list(filters.region),
+        min_reliability=filters.min_reliability,
+        min_gpus=filters.min_gpus,
+        labels=filters.labels(),
+        include_simulated=include_simulated,
+        sort=filters.sort,
+        limit=filters.limit,
+        offset=filters.offset,
+    )
+
+
+def version_at_least(column: Any, version: str) -> ColumnElement[bool]:
+    """ "8.9" <= "10.0" as numbers, not as text; `version` is validated as N.N by callers."""
+    wanted = [int(part) for part in version.split(".")]
+    return cast(func.string_to_array(column, "."), ARRAY(Integer)) >= cast(wanted, ARRAY(Integer))
+
+
+def _gpu_filters(q: OfferQuery) -> list[ColumnElement[bool]]:
+    conditions: list[ColumnElement[bool]] = []
+    if q.models:
+        conditions.append(Gpu.model.in_([canonical_model(m) for m in q.models]))
+    if q.min_vram_gb is not None:
+        conditions.append(Gpu.vram_mb >= int(q.min_vram_gb * 1024))
+    if q.max_price is not None:
+        conditions.append(Gpu.price_per_hour <= q.max_price)
+    if q.min_compute_capability:
+        conditions.append(version_at_least(Gpu.compute_capability, q.min_compute_capability))
+    return conditions
+
+
+def _machine_filters(q: OfferQuery) -> list[ColumnElement[bool]]:
+    conditions: list[ColumnElement[bool]] = [
+        Provider.state == ONLINE,
+        Provider.suspended_reason.is_(None),
+    ]
+    if not q.include_simulated:
+        conditions.append(Provider.simulated.is_(False))
+    if q.regions:
+        conditions.append(Provider.region.in_(q.regions))
+    if q.min_cuda_version:
+        conditions.append(version_at_least(Provider.cuda_version, q.min_cuda_version))
+    if q.min_reliability is not None:
+        conditions.append(Provider.reliability >= q.min_reliability)
+    if q.labels:
+        conditions.append(Provider.labels.contains(q.labels))
+    return conditions
+
+
+async def search_offers(session: AsyncSession, q: OfferQuery) -> OfferPage:
+    free = func.count().filter(and_(Gpu.reserved_job_id.is_(None), Gpu.healthy.is_(True)))
+    price = func.max(Gpu.price_per_hour)
+    vram = func.min(Gpu.vram_mb)
+    order = {
+        "price": [price.asc()],
+        "-price": [price.desc()],
+        "reliability": [Provider.reliability.asc()],
+        "-reliability": [Provider.reliability.desc()],
+        "vram": [vram.asc()],
+        "-vram": [vram.desc()],
+        "free_gpus": [free.asc()],
+        "-free_gpus": [free.desc()],
+    }[q.sort]
+    query = (
+        select(
+            Provider.id,
+            Provider.name,
+            Provider.region,
+            Provider.labels,
+            Provider.cuda_version,
+            Provider.driver_version,
+            Provider.reliability,
+            Provider.simulated,
+            Gpu.model,
+            vram,
+            func.max(Gpu.compute_capability),
+            func.min(Gpu.pcie_gen),
+            func.min(Gpu.pcie_width),
+            price,
+            free,
+            func.count(),
+            func.count().over(),
+        )
+        .join(Gpu, Gpu.provider_id == Provider.id)
+        .where(*_machine_filters(q), *_gpu_filters(q))
+        .group_by(Provider.id, Gpu.model)
+        .having(free >= max(1, q.min_gpus))
+        .order_by(*order, Provider.reliability.desc(), price.asc(), Provider.id, Gpu.model)
+        .limit(q.limit)
+        .offset(q.offset)
+    )
+    rows = (await session.execute(query)).all()
+    offers = [
+        Offer(
+            provider_id=r[0],
+            provider_name=r[1],
+            region=r[2],
+            labels=r[3] or {},
+            cuda_version=r[4],
+            driver_version=r[5],
+            reliability=r[6],
+            simulated=r[7],
+            model=r[8],
+            vram_gb=round(r[9] / 1024, 1),
+            compute_capability=r[10],
+            pcie_gen=r[11],
+            pcie_width=r[12],
+            price_per_gpu_hour=r[13],
+            free_gpus=r[14],
+            total_gpus=r[15],
+        )
+        for r in rows
+    ]
+    total = rows[0][16] if rows else await _count(session, q)
+    return OfferPage(offers=offers, total=total, limit=q.limit, offset=q.offset)
+
+
+async def _count(session: AsyncSession, q: OfferQuery) -> int:
+    """The total when the page itself is empty (an offset past the end)."""
+    if q.offset == 0:
+        return 0
+    free = func.count().filter(and_(Gpu.reserved_job_id.is_(None), Gpu.healthy.is_(True)))
+    grouped = (
+        select(Gpu.provider_id)
+        .join(Provider, Provider.id == Gpu.provider_id)
+        .where(*_machine_filters(q), *_gpu_filters(q))
+        .group_by(Gpu.provider_id, Gpu.model)
+        .having(free >= max(1, q.min_gpus))
+    ).subquery()
+    return await session.scalar(select(func.count()).select_from(grouped)) or 0

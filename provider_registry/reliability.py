@@ -1,0 +1,97 @@
+"""A provider's reliability: how often it was there, and how often its tasks ended
+without the machine being at fault, over a sliding window.
+
+    reliability = uptime * task_score
+    uptime      = 1 - offline time / time observed in the window
+    task_score  = (ok + PRIOR) / (ok + infrastructure + PRIOR)
+
+The prior keeps one unlucky task from sinking a new machine and one lucky task from
+crowning it. Time spent draining counts as up: the owner chose it and said so.
+"""
+
+from datetime import UTC, date, datetime
+
+from sqlalchemy import Date, Float, Numeric, cast, func, literal, select, text, update
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from provider_registry.models import LEFT, Provider, ProviderOutage, ProviderTaskDay
+
+PRIOR = 5.0
+
+
+async def record_task_outcome(
+    session: AsyncSession, provider_id: str, infrastructure: bool, day: date | None = None
+) -> None:
+    """Counts one ended task attempt; the caller makes sure it counts each attempt once."""
+    day = day or datetime.now(UTC).date()
+    column = "infrastructure" if infrastructure else "ok"
+    stmt = insert(ProviderTaskDay).values(provider_id=provider_id, day=day, **{column: 1})
+    await session.execute(
+        stmt.on_conflict_do_update(
+            index_elements=[ProviderTaskDay.provider_id, ProviderTaskDay.day],
+            set_={column: getattr(ProviderTaskDay, column) + 1},
+        )
+    )
+
+
+async def recompute(session: AsyncSession, window_days: int) -> int:
+    """Refreshes every provider's uptime and reliability in one statement; returns how
+    many providers it covered."""
+    now = func.now()
+    window_start = now - text(f"interval '{int(window_days)} days'")
+    observed_from = func.greatest(Provider.created_at, window_start)
+    observed_s = func.extract("epoch", now - observed_from)
+
+    downtime = (
+        select(
+            func.coalesce(
+                func.sum(
+                    func.extract(
+                        "epoch",
+                        func.coalesce(ProviderOutage.ended_at, now)
+                        - func.greatest(ProviderOutage.started_at, observed_from),
+                    )
+                ),
+                0,
+            )
+        )
+        .where(
+            ProviderOutage.provider_id == Provider.id,
+            func.coalesce(ProviderOutage.ended_at, now) > observed_from,
+        )
+        .scalar_subquery()
+    )
+    cutoff_day = cast(window_start, Date)
+    ok = (
+        select(func.coalesce(func.sum(ProviderTaskDay.ok), 0))
+        .where(ProviderTaskDay.provider_id == Provider.id, ProviderTaskDay.day >= cutoff_day)
+        .scalar_subquery()
+    )
+    infra = (
+        select(func.coalesce(func.sum(ProviderTaskDay.infrastructure), 0))
+        .where(ProviderTaskDay.provider_id == Provider.id, ProviderTaskDay.day >= cutoff_day)
+        .scalar_subquery()
+    )
+    # Under a minute of history says nothing yet.
+    uptime = func.greatest(
+        0.0,
+        func.least(
+            1.0,
+            1.0 - cast(downtime, Float) / func.greatest(cast(observed_s, Float), 60.0),
+        ),
+    )
+    task_score = (cast(ok, Float) + PRIOR) / (cast(ok + infra, Float) + literal(PRIOR))
+    result = await session.execute(
+        update(Provider)
+        .where(Provider.state != LEFT)
+        .values(uptime=func.round(cast(uptime, Numeric), 4))
+        .execution_options(synchronize_session=False)
+    )
+    await session.execute(
+        update(Provider)
+        .where(Provider.state != LEFT)
+        .values(reliability=func.round(cast(Provider.uptime * task_score, Numeric), 4))
+        .execution_options(synchronize_session=False)
+    )
+    return result.rowcount or 0  # type: ignore[attr-defined]

@@ -1,12 +1,13 @@
 """HTTP bodies of the public API that are the gateway's own."""
 
 from datetime import datetime
+from decimal import Decimal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from common.messages import OutputFile
 from common.types import SafeStr
-from provider_registry.schemas import MachineSpec
+from provider_registry.schemas import MachineSpec, ProviderOut
 from scheduler.schemas import relative_path
 
 
@@ -65,3 +66,23 @@ class OutputOut(BaseModel):
     sha256: str
     download_url: str
     expires_at: datetime
+
+
+class RunningTask(BaseModel):
+    job_id: str
+    attempt: int
+    status: str
+    gpu_uuids: list[str]
+    assigned_at: datetime | None
+    started_at: datetime | None
+
+
+class ProviderStatus(BaseModel):
+    """What the platform sees of one machine: `provider-daemon status`."""
+
+    provider: ProviderOut
+    running_tasks: list[RunningTask]
+    tasks_ended: int
+    # Price x GPUs x run time of the attempts that ran here, gross of any platform fee;
+    # attempts that ended in an infrastructure fault earn nothing.
+    earned_usd: Decimal

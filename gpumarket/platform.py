@@ -203,6 +203,9 @@ class LocalPlatform:
                 str(self.data_dir / "provider-work"),
                 "--docker-host",
                 self.servers.podman.docker_host,
+                # No registry is reachable: the machine check uses the local sample image.
+                "--check-image",
+                SAMPLE_IMAGE,
                 *common,
             ]
         self._spawn("provider_daemon", argv, env, metrics_port)

@@ -5,13 +5,13 @@ import logging
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import httpx
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from common.messages import OutputFile
-from provider_daemon.errors import InfrastructureError
+from provider_daemon.errors import CredentialRejected, DaemonError, InfrastructureError
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,16 @@ class UploadTarget(_Response):
 class OutputsPlan(_Response):
     uploads: list[UploadTarget]
     log_upload_url: str
+
+
+class ProviderStatus(_Response):
+    """The platform's view of this machine (GET /v1/agent/provider), kept loose: the CLI
+    shows it, the daemon only needs to know it is still accepted."""
+
+    provider: dict[str, Any]
+    running_tasks: list[dict[str, Any]]
+    tasks_ended: int
+    earned_usd: str
 
 
 class _Transient(Exception):
@@ -154,3 +164,44 @@ class AgentApi:
             _check(response, what)
 
         await self._retry(what, call)
+
+    # --- the machine itself ----------------------------------------------------------
+
+    async def _machine_call(self, method: str, path: str) -> dict[str, Any]:
+        """A call about this machine; 401 means the platform cut it off, anything else
+        that fails is one clear DaemonError."""
+        url = f"{self.api_url}/v1/agent/provider{path}"
+        what = f"{method} {url}"
+
+        async def call() -> dict[str, Any]:
+            response = await self.client.request(method, url, headers=self._auth)
+            if response.status_code == 401:
+                raise CredentialRejected(
+                    "the platform no longer accepts this machine's credential (it was "
+                    "revoked, or the machine left); join again with a new token"
+                )
+            _check(response, what)
+            body = response.json()
+            if not isinstance(body, dict):
+                raise InfrastructureError(f"{what}: unexpected response")
+            return body
+
+        try:
+            return await self._retry(what, call)
+        except InfrastructureError as exc:
+            raise DaemonError(str(exc)) from None
+
+    async def status(self) -> ProviderStatus:
+        try:
+            return ProviderStatus.model_validate(await self._machine_call("GET", ""))
+        except ValidationError as exc:
+            raise DaemonError(f"unexpected status from the platform: {exc}") from None
+
+    async def drain(self) -> dict[str, Any]:
+        return await self._machine_call("POST", "/drain")
+
+    async def resume(self) -> dict[str, Any]:
+        return await self._machine_call("POST", "/resume")
+
+    async def leave(self) -> dict[str, Any]:
+        return await self._machine_call("POST", "/leave")

@@ -1,31 +1,42 @@
 """`provider-daemon join` (enroll this machine, then run) and `provider-daemon run`."""
 
 import asyncio
+import contextlib
 import logging
+import os
 import signal
 import socket
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import typer
+from rich.console import Console
+from rich.progress import Progress, SpinnerColumn, TextColumn
 
 from common.logging import configure_logging
+from provider_daemon.agent_api import AgentApi
 from provider_daemon.config import (
+    DEFAULT_CHECK_IMAGE,
     ProviderConfig,
     default_config_path,
     default_docker_host,
     default_work_dir,
     load_config,
     new_machine_id,
+    pid_path,
     read_machine_id,
     save_config,
 )
 from provider_daemon.containers import Containers
 from provider_daemon.daemon import Daemon
-from provider_daemon.enroll import build_join_request, join, parse_prices
-from provider_daemon.errors import DaemonError
+from provider_daemon.enroll import build_join_request, join, parse_labels, parse_prices
+from provider_daemon.errors import CredentialRejected, DaemonError
 from provider_daemon.gpus import open_gpus
+from provider_daemon.preflight import check_machine
+from provider_daemon.status_view import render
+
+T = TypeVar("T")
 
 log = logging.getLogger("provider_daemon")
 
@@ -50,7 +61,9 @@ MetricsPortOption = Annotated[
 ]
 
 
-async def run_daemon(config: ProviderConfig, metrics_port: int | None) -> None:
+async def run_daemon(
+    config: ProviderConfig, metrics_port: int | None, config_path: Path | None = None
+) -> None:
     """Runs until SIGTERM or SIGINT, then stops every job and exits cleanly."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -62,10 +75,15 @@ async def run_daemon(config: ProviderConfig, metrics_port: int | None) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
     gpus = await asyncio.to_thread(open_gpus, config.simulate, config.machine_id)
+    pid_file = pid_path(config_path) if config_path else None
+    if pid_file is not None:
+        pid_file.write_text(f"{os.getpid()}\n")
     try:
         await Daemon(config, gpus, metrics_port=metrics_port).run(stop)
     finally:
         gpus.close()
+        if pid_file is not None:
+            pid_file.unlink(missing_ok=True)
 
 
 async def enroll_and_run(
@@ -75,7 +93,9 @@ async def enroll_and_run(
     name: str,
     region: str | None,
     prices: list[str],
+    labels: list[str],
     simulate: str | None,
+    check_image: str,
     config_path: Path,
     work_dir: Path,
     docker_host: str,
@@ -95,12 +115,15 @@ async def enroll_and_run(
         region=region,
         inventory=inventory,
         prices=parse_prices(prices, inventory),
+        labels=parse_labels(labels),
     )
-    # Check the container engine before spending the join token on a machine that
-    # could not run anything.
+    # Prove the machine can run a container on its GPUs before spending the join token
+    # on one that could not run anything.
     engine = Containers(docker_host)
     try:
         await engine.ping()
+        report = await check_machine(engine, inventory, check_image)
+        log.info("machine check passed: %s", report)
     finally:
         engine.close()
     joined = await join(api, body)
@@ -111,6 +134,8 @@ async def enroll_and_run(
         region=region,
         simulate=simulate,
         prices=body["prices"],
+        labels=body["labels"],
+        check_image=check_image,
         work_dir=work_dir,
         docker_host=docker_host,
         metrics_port=metrics_port,
@@ -126,7 +151,7 @@ async def enroll_and_run(
         len(inventory.gpus),
         config_path,
     )
-    await run_daemon(config, metrics_port)
+    await run_daemon(config, metrics_port, config_path)
 
 
 @app.command("join")
@@ -143,6 +168,10 @@ def join_command(
             "--price",
             help="MODEL=USD_PER_GPU_HOUR, repeatable (default 0.5 for each model).",
         ),
+    ] = None,
+    label: Annotated[
+        list[str] | None,
+        typer.Option("--label", help="KEY=VALUE a job can require, repeatable."),
     ] = None,
     simulate: Annotated[
         str | None,
@@ -163,6 +192,10 @@ def join_command(
         ),
     ] = None,
     metrics_port: MetricsPortOption = None,
+    check_image: Annotated[
+        str,
+        typer.Option("--check-image", help="Image for the machine check at join and start."),
+    ] = DEFAULT_CHECK_IMAGE,
 ) -> None:
     """Enroll this machine with a join token, save its config, then run the daemon."""
     _main(
@@ -172,7 +205,9 @@ def join_command(
             name=name or socket.gethostname(),
             region=region,
             prices=price or [],
+            labels=label or [],
             simulate=simulate,
+            check_image=check_image,
             config_path=config or default_config_path(),
             work_dir=(work_dir or default_work_dir()).expanduser().resolve(),
             docker_host=docker_host or default_docker_host(),
@@ -186,16 +221,127 @@ def run_command(config: ConfigOption = None, metrics_port: MetricsPortOption = N
     """Run the daemon from the config that `join` saved."""
 
     async def start() -> None:
-        loaded = load_config(config or default_config_path())
-        await run_daemon(loaded, metrics_port if metrics_port is not None else loaded.metrics_port)
+        path = config or default_config_path()
+        loaded = load_config(path)
+        port = metrics_port if metrics_port is not None else loaded.metrics_port
+        await run_daemon(loaded, port, path)
 
     _main(start())
 
 
-def _main(work: Coroutine[Any, Any, None]) -> None:
-    configure_logging("provider-daemon")
+@app.command("status")
+def status_command(
+    config: ConfigOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="The raw status as JSON.")] = False,
+) -> None:
+    """What the platform sees of this machine: GPUs, state, running tasks, earnings."""
+
+    async def show() -> None:
+        status = await _with_agent(config, lambda agent: agent.status())
+        if as_json:
+            typer.echo(status.model_dump_json(indent=2))
+        else:
+            render(status, Console())
+
+    _main(show(), quiet=True)
+
+
+@app.command("drain")
+def drain_command(
+    config: ConfigOption = None,
+    wait: Annotated[
+        bool, typer.Option("--wait", help="Wait until the running tasks have ended.")
+    ] = False,
+) -> None:
+    """Finish the running tasks and take no new ones (until `resume`)."""
+
+    async def drain() -> None:
+        await _with_agent(config, lambda agent: agent.drain())
+        typer.echo("draining: running tasks finish, no new task is placed here")
+        if wait:
+            await _with_agent(config, _wait_until_idle)
+
+    _main(drain(), quiet=True)
+
+
+@app.command("resume")
+def resume_command(config: ConfigOption = None) -> None:
+    """Take new tasks again after a drain."""
+
+    async def resume() -> None:
+        await _with_agent(config, lambda agent: agent.resume())
+        typer.echo("resumed: this machine takes new tasks again")
+
+    _main(resume(), quiet=True)
+
+
+@app.command("leave")
+def leave_command(
+    config: ConfigOption = None,
+    yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation.")] = False,
+) -> None:
+    """Drain, wait for the running tasks, then take this machine off the platform for
+    good: its credential ends, the running daemon stops, the saved config is deleted."""
+    path = config or default_config_path()
+    if not yes:
+        typer.confirm("Take this machine off the platform for good?", abort=True)
+
+    async def leave() -> None:
+        async def drain_wait_leave(agent: AgentApi) -> None:
+            await agent.drain()
+            await _wait_until_idle(agent)
+            await agent.leave()
+
+        await _with_agent(path, drain_wait_leave)
+        _stop_local_daemon(path)
+        path.unlink(missing_ok=True)
+        typer.echo(f"left the platform; removed {path}")
+
+    _main(leave(), quiet=True)
+
+
+async def _with_agent(config: Path | None, call: Callable[[AgentApi], Awaitable[T]]) -> T:
+    loaded = load_config(config or default_config_path())
+    agent = AgentApi(loaded.api_url, loaded.credential, timeout_s=30.0)
+    try:
+        return await call(agent)
+    finally:
+        await agent.aclose()
+
+
+async def _wait_until_idle(agent: AgentApi, poll_s: float = 2.0) -> None:
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), transient=True) as bar:
+        task = bar.add_task("waiting for running tasks")
+        while True:
+            running = (await agent.status()).running_tasks
+            if not running:
+                return
+            bar.update(task, description=f"waiting for {len(running)} running task(s) to end")
+            await asyncio.sleep(poll_s)
+
+
+def _stop_local_daemon(config_path: Path) -> None:
+    """SIGTERM to the daemon that runs from this config, if one does (it would stop by
+    itself at its next check-in, since its credential has ended)."""
+    pid_file = pid_path(config_path)
+    try:
+        pid = int(pid_file.read_text().strip())
+    except (OSError, ValueError):
+        return
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.kill(pid, signal.SIGTERM)
+        typer.echo(f"stopped the running daemon (pid {pid})")
+    pid_file.unlink(missing_ok=True)
+
+
+def _main(work: Coroutine[Any, Any, None], quiet: bool = False) -> None:
+    # The short commands talk to a person: their retries' log lines would only clutter.
+    configure_logging("provider-daemon", level="ERROR" if quiet else "INFO")
     try:
         asyncio.run(work)
+    except CredentialRejected as exc:
+        typer.echo(f"provider-daemon: {exc}", err=True)
+        raise typer.Exit(3) from None
     except DaemonError as exc:
         typer.echo(f"provider-daemon: {exc}", err=True)
         raise typer.Exit(1) from None

@@ -10,6 +10,9 @@ from provider_daemon.errors import ConfigError
 
 CONFIG_ENV = "GPUMARKET_PROVIDER_CONFIG"
 DEFAULT_DOCKER_HOST = "unix:///var/run/docker.sock"
+# The machine check's image: tiny, and on real GPUs the NVIDIA toolkit mounts nvidia-smi
+# into whatever image it is.
+DEFAULT_CHECK_IMAGE = "docker.io/library/busybox:1.36"
 
 
 def default_config_path() -> Path:
@@ -40,6 +43,8 @@ class ProviderConfig(BaseModel):
     region: str | None = None
     simulate: str | None = None
     prices: dict[str, float] = Field(default_factory=dict)
+    labels: dict[str, str] = Field(default_factory=dict)
+    check_image: str = DEFAULT_CHECK_IMAGE
     work_dir: Path = Field(default_factory=default_work_dir)
     docker_host: str = Field(default_factory=default_docker_host)
     metrics_port: int | None = None
@@ -86,3 +91,8 @@ def read_machine_id(path: Path) -> str | None:
         return load_config(path).machine_id
     except ConfigError:
         return None
+
+
+def pid_path(config_path: Path) -> Path:
+    """Where a running daemon notes its pid, so `leave` can stop it."""
+    return config_path.with_name(config_path.name + ".pid")

@@ -27,7 +27,9 @@ from provider_daemon import metrics
 from provider_daemon.agent_api import AgentApi
 from provider_daemon.config import ProviderConfig
 from provider_daemon.containers import LABEL_ATTEMPT, LABEL_JOB, Containers
+from provider_daemon.errors import CredentialRejected, DaemonError
 from provider_daemon.gpus import GpuSource
+from provider_daemon.preflight import check_machine
 from provider_daemon.publisher import Publisher
 from provider_daemon.runner import RunnerDeps, TaskRun
 
@@ -49,6 +51,10 @@ class Tuning:
     stop_grace_s: float = 10.0
     reconnect_wait_s: float = 2.0
     metrics_host: str = "127.0.0.1"
+    # How often the daemon asks the platform whether it still accepts this machine.
+    credential_check_s: float = 60.0
+    # The container check before taking work; tests of other things may skip it.
+    preflight: bool = True
 
 
 _CONNECTION_ERRORS = (
@@ -87,6 +93,8 @@ class Daemon:
         # True once the task consumer exists (for readiness checks).
         self.subscribed = False
         self._closing = False
+        # Set when the platform cut this machine off; run() raises it after stopping.
+        self.rejected: CredentialRejected | None = None
         # Never the URL itself: it may carry credentials.
         url = urlsplit(config.nats_url)
         self._nats_host = f"{url.hostname}:{url.port or 4222}" if url.hostname else "?"
@@ -151,6 +159,9 @@ class Daemon:
         """Runs until `stop` is set; then stops every job, reports it, and drains NATS."""
         containers = Containers(self.config.docker_host)
         await containers.ping()
+        if self.tuning.preflight:
+            report = await check_machine(containers, self.inventory, self.config.check_image)
+            log.info("machine check passed: %s", report)
         sock = None
         if self.metrics_port is not None:
             sock = metrics.bind(self.tuning.metrics_host, self.metrics_port)
@@ -181,16 +192,33 @@ class Daemon:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._task_loop(js, deps, publisher, stop, tg))
                 tg.create_task(self._heartbeat_loop(nc, stop))
+                tg.create_task(self._watch_credential(agent, stop))
                 if sock is not None:
                     tg.create_task(metrics.serve(metrics.make_app(self._health), sock, stop))
             self._closing = True
             await nc.drain()
             log.info("provider daemon stopped")
+            if self.rejected is not None:
+                raise self.rejected
         finally:
             await agent.aclose()
             containers.close()
             if sock is not None:
                 sock.close()
+
+    async def _watch_credential(self, agent: AgentApi, stop: asyncio.Event) -> None:
+        """Stops the daemon, with one clear line, once the platform refuses this machine
+        (its credential revoked, its owner disabled, or it left); an unreachable platform
+        is only logged: the daemon keeps serving tasks over NATS meanwhile."""
+        while not await wait_event(stop, self.tuning.credential_check_s):
+            try:
+                await agent.status()
+            except CredentialRejected as exc:
+                log.error("%s; stopping", exc)
+                self.rejected = exc
+                stop.set()
+            except DaemonError as exc:
+                log.warning("cannot check in with the platform: %s", exc)
 
     def _health(self) -> tuple[bool, dict[str, object]]:
         connected = self.nc is not None and self.nc.is_connected
@@ -337,6 +365,10 @@ class Daemon:
         busy = [u for u in task.gpu_uuids if u in self._busy_gpus()]
         if busy:
             return f"GPU already in use by another job: {', '.join(busy)}"
+        unhealthy = self.gpus.unhealthy()
+        sick = [f"{u} ({unhealthy[u]})" for u in task.gpu_uuids if u in unhealthy]
+        if sick:
+            return f"GPU unhealthy: {', '.join(sick)}"
         return None
 
     def _busy_gpus(self) -> set[str]:

@@ -47,6 +47,17 @@ def parse_prices(items: list[str], inventory: Inventory) -> dict[str, float]:
     return prices
 
 
+def parse_labels(items: list[str]) -> dict[str, str]:
+    """["key=value", ...] -> {key: value}; the platform checks the keys' shape."""
+    labels: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise JoinError(f"--label: {item!r} is not KEY=VALUE")
+        labels[key.strip()] = value.strip()
+    return labels
+
+
 def build_join_request(
     *,
     token: str,
@@ -55,6 +66,7 @@ def build_join_request(
     region: str | None,
     inventory: Inventory,
     prices: dict[str, float],
+    labels: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     return {
         "token": token,
@@ -64,6 +76,7 @@ def build_join_request(
         "simulated": inventory.simulated,
         "driver_version": inventory.driver_version,
         "cuda_version": inventory.cuda_version,
+        "labels": labels or {},
         "gpus": [
             {
                 "uuid": g.uuid,
@@ -71,6 +84,8 @@ def build_join_request(
                 "model": g.model,
                 "vram_mb": g.vram_mb,
                 "compute_capability": g.compute_capability,
+                "pcie_gen": g.pcie_gen,
+                "pcie_width": g.pcie_width,
             }
             for g in inventory.gpus
         ],

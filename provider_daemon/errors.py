@@ -23,3 +23,11 @@ class JoinError(DaemonError):
 
 class InfrastructureError(Exception):
     """A job attempt failed because of the platform or this machine, not the user's code."""
+
+
+class PreflightError(DaemonError):
+    """The machine check failed: this machine must not be listed until the owner fixes it."""
+
+
+class CredentialRejected(DaemonError):
+    """The platform no longer accepts this machine's credential (revoked, or it left)."""

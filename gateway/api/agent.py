@@ -3,12 +3,19 @@
 from fastapi import APIRouter, Depends, Query
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
-from gateway import jobs
+from gateway import fleet, jobs
 from gateway.api import deps
 from gateway.clients import ServiceClient
-from gateway.schemas import AgentInput, AgentOutputsRequest, AgentOutputsResponse, UploadUrl
+from gateway.schemas import (
+    AgentInput,
+    AgentOutputsRequest,
+    AgentOutputsResponse,
+    ProviderStatus,
+    UploadUrl,
+)
 from gateway.security import Agent, current_agent
 from gateway.storage import presign
+from provider_registry.schemas import ProviderOut
 from scheduler import job_store
 
 router = APIRouter(prefix="/v1/agent", tags=["agent"])
@@ -59,3 +66,39 @@ async def task_outputs(
         ],
         log_upload_url=log_url,
     )
+
+
+@router.get("/provider", response_model=ProviderStatus)
+async def provider_status(
+    agent: Agent = Depends(current_agent),
+    db: async_sessionmaker = Depends(deps.db),
+    registry: ServiceClient = Depends(deps.registry),
+) -> ProviderStatus:
+    """This machine as the platform sees it: GPUs, state, running tasks, earnings."""
+    return await fleet.provider_status(db, registry, agent.provider_id)
+
+
+@router.post("/provider/drain", response_model=ProviderOut)
+async def drain(
+    agent: Agent = Depends(current_agent), registry: ServiceClient = Depends(deps.registry)
+) -> dict:
+    """Running tasks finish; no new task is placed here until resume."""
+    return await fleet.set_drain(registry, agent.provider_id, True)
+
+
+@router.post("/provider/resume", response_model=ProviderOut)
+async def resume(
+    agent: Agent = Depends(current_agent), registry: ServiceClient = Depends(deps.registry)
+) -> dict:
+    return await fleet.set_drain(registry, agent.provider_id, False)
+
+
+@router.post("/provider/leave", response_model=ProviderOut)
+async def leave(
+    agent: Agent = Depends(current_agent),
+    auth: ServiceClient = Depends(deps.auth),
+    registry: ServiceClient = Depends(deps.registry),
+) -> dict:
+    """Takes this machine off the platform for good and ends its credential; refused
+    (409) while tasks still run here."""
+    return await fleet.leave(auth, registry, agent.provider_id)

@@ -1,16 +1,16 @@
-from decimal import Decimal
+from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Request, status
 
 from auth_service.schemas import JoinTokenOut, RevokedOut
 from common.errors import NotFound
 from common.ids import is_uuid
-from common.types import SafeStr
+from gateway import fleet
 from gateway.api import deps
 from gateway.clients import ServiceClient
 from gateway.schemas import JoinRequest, JoinResponse
 from gateway.security import Principal, current_principal, require
-from provider_registry.schemas import Offer, ProviderOut
+from provider_registry.schemas import OfferFilters, OfferPage, ProviderOut
 
 router = APIRouter(tags=["providers"])
 
@@ -104,18 +104,35 @@ async def _owned_provider(registry: ServiceClient, provider_id: str, principal: 
     )
 
 
-@router.get("/v1/offers", response_model=list[Offer])
-async def list_offers(
-    model: SafeStr | None = Query(default=None, max_length=128),
-    min_vram_gb: float | None = Query(default=None, gt=0),
-    max_price: Decimal | None = Query(default=None, gt=0, le=100_000),
+@router.post("/v1/providers/{provider_id}/drain", response_model=ProviderOut)
+async def drain_provider(
+    provider_id: str,
+    principal: Principal = Depends(require("provider")),
+    registry: ServiceClient = Depends(deps.registry),
+) -> dict:
+    """Running tasks finish; no new task is placed on the machine until resume."""
+    await _owned_provider(registry, provider_id, principal)
+    return await fleet.set_drain(registry, provider_id, True)
+
+
+@router.post("/v1/providers/{provider_id}/resume", response_model=ProviderOut)
+async def resume_provider(
+    provider_id: str,
+    principal: Principal = Depends(require("provider")),
+    registry: ServiceClient = Depends(deps.registry),
+) -> dict:
+    await _owned_provider(registry, provider_id, principal)
+    return await fleet.set_drain(registry, provider_id, False)
+
+
+@router.get("/v1/offers", response_model=OfferPage)
+async def search_offers(
+    filters: Annotated[OfferFilters, Query()],
     _: Principal = Depends(current_principal),
     registry: ServiceClient = Depends(deps.registry),
-) -> list[dict]:
-    """Free GPUs on the market, cheapest first."""
-    params = {
-        k: str(v)
-        for k, v in {"model": model, "min_vram_gb": min_vram_gb, "max_price": max_price}.items()
-        if v is not None
-    }
-    return await registry.request("GET", "/internal/offers", params=params)
+) -> dict:
+    """The market: free GPUs by machine and model, filtered, sorted (cheapest first by
+    default) and paged. `?model=H100&min_gpus=4&min_reliability=0.95&sort=-reliability`"""
+    return await registry.request(
+        "GET", "/internal/offers", params=filters.model_dump(mode="json", exclude_defaults=True)
+    )

@@ -396,9 +396,9 @@ class TestProviderCredentials:
         assert new_user(platform, "provider").request("GET", "/v1/providers") == []
 
     def test_offers_show_free_gpus(self, requester: Client) -> None:
-        offers = requester.request("GET", "/v1/offers", params={"model": "rtx 4090"})
+        offers = requester.request("GET", "/v1/offers", params={"model": "rtx 4090"})["offers"]
         assert offers and offers[0]["model"] == "RTX 4090" and offers[0]["vram_gb"] == 24.0
-        assert requester.request("GET", "/v1/offers", params={"model": "H100"}) == []
+        assert requester.request("GET", "/v1/offers", params={"model": "H100"})["offers"] == []
 
 
 class TestSecretsStayOutOfLogsAndAnswers:

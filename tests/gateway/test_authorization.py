@@ -56,11 +56,17 @@ RULES: dict[tuple[str, str], Rule] = {
     ("GET", "/v1/providers"): Rule("provider"),
     ("GET", "/v1/providers/{provider_id}"): Rule("provider", owns="provider"),
     ("POST", "/v1/providers/{provider_id}/credentials/revoke"): Rule("provider", owns="provider"),
+    ("POST", "/v1/providers/{provider_id}/drain"): Rule("provider", owns="provider"),
+    ("POST", "/v1/providers/{provider_id}/resume"): Rule("provider", owns="provider"),
     ("GET", "/v1/offers"): Rule(USER),
     ("GET", "/v1/agent/jobs/{job_id}/inputs"): Rule("agent", owns="task", params={"attempt": 0}),
     ("POST", "/v1/agent/jobs/{job_id}/outputs"): Rule(
         "agent", owns="task", body={"attempt": 0, "files": []}
     ),
+    ("GET", "/v1/agent/provider"): Rule("agent"),
+    ("POST", "/v1/agent/provider/drain"): Rule("agent"),
+    ("POST", "/v1/agent/provider/resume"): Rule("agent"),
+    ("POST", "/v1/agent/provider/leave"): Rule("agent"),
     ("GET", "/v1/admin/users"): Rule("admin"),
     ("POST", "/v1/admin/users/{user_id}/disable"): Rule("admin", owns="user"),
     ("POST", "/v1/admin/users/{user_id}/enable"): Rule("admin", owns="user"),

@@ -52,6 +52,8 @@ class FakeGateway:
     logs: dict[tuple[str, int], bytes] = field(default_factory=dict)
     manifests: dict[tuple[str, int], list[dict[str, Any]]] = field(default_factory=dict)
     joins: list[dict[str, Any]] = field(default_factory=list)
+    # Credentials the platform no longer accepts (revoked, or the machine left).
+    revoked: set[str] = field(default_factory=set)
 
     def _authorized(self, request: Request) -> bool:
         return request.headers.get("authorization") == f"Bearer {self.credential}"
@@ -69,6 +71,14 @@ class FakeGateway:
                 "heartbeat_interval_s": 0.3,
             },
             status_code=201,
+        )
+
+    async def provider_status(self, request: Request) -> Response:
+        token = request.headers.get("authorization", "").removeprefix("Bearer ")
+        if token in self.revoked or not token:
+            return JSONResponse({"detail": "credential revoked"}, status_code=401)
+        return JSONResponse(
+            {"provider": {"id": "p"}, "running_tasks": [], "tasks_ended": 0, "earned_usd": "0"}
         )
 
     async def list_inputs(self, request: Request) -> Response:
@@ -133,6 +143,7 @@ class FakeGateway:
         return Starlette(
             routes=[
                 Route("/v1/providers/join", self.join, methods=["POST"]),
+                Route("/v1/agent/provider", self.provider_status),
                 Route("/v1/agent/jobs/{job_id}/inputs", self.list_inputs),
                 Route("/v1/agent/jobs/{job_id}/outputs", self.plan_outputs, methods=["POST"]),
                 Route("/objects/{job_id}/{index:int}", self.download),
@@ -269,6 +280,7 @@ async def start_daemon(
         provider_id: str | None = None,
         metrics_port: int | None = None,
         nats_client: NatsClient | None = None,
+        credential: str | None = None,
         **tuning: Any,
     ) -> RunningDaemon:
         """A daemon on `nats_client`'s server (the session's by default)."""
@@ -281,7 +293,8 @@ async def start_daemon(
             work_dir=tmp_path / "work",
             docker_host=podman_service.docker_host,
             provider_id=provider_id or uuid.uuid4().hex,
-            credential=gateway.credential,
+            credential=credential or gateway.credential,
+            check_image=sample_image,
             nats_url=client.connected_url.geturl() if client.connected_url else "",
             heartbeat_interval_s=0.3,
         )

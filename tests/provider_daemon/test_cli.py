@@ -61,13 +61,13 @@ class TestCliErrors:
         assert line.endswith("and --simulate not given")
 
     async def test_refused_join_shows_the_servers_detail(
-        self, gateway: FakeGateway, podman_service: Any, tmp_path: Path
+        self, gateway: FakeGateway, podman_service: Any, sample_image: str, tmp_path: Path
     ) -> None:
         config = tmp_path / "p.json"
         code, stderr = await run_cli(
             "join", "--token", "expired-token", "--api", gateway.url,
             "--simulate", "RTX 4090:1", "--docker-host", podman_service.docker_host,
-            "--config", str(config),
+            "--check-image", sample_image, "--config", str(config),
         )  # fmt: skip
         assert code == 1
         assert "Traceback" not in stderr
@@ -90,6 +90,7 @@ class TestJoinAndRun:
         self,
         gateway: FakeGateway,
         podman_service: Any,
+        sample_image: str,
         nc: NatsClient,
         tmp_path: Path,
     ) -> None:
@@ -105,6 +106,7 @@ class TestJoinAndRun:
             "join", "--token", "good-token", "--api", gateway.url,
             "--name", "rig-7", "--region", "eu-west",
             "--simulate", "RTX 4090:2", "--price", "RTX 4090=0.8",
+            "--label", "tier=3", "--check-image", sample_image,
             "--work-dir", str(tmp_path / "work"), "--config", str(config),
             env={"DOCKER_HOST": podman_service.docker_host},
         )  # fmt: skip
@@ -123,6 +125,7 @@ class TestJoinAndRun:
         assert saved["credential"] == gateway.credential
         assert saved["prices"] == {"RTX 4090": 0.8}
         sent = gateway.joins[joins_before]
+        assert sent["labels"] == {"tier": "3"}
         assert (sent["name"], sent["region"], sent["simulated"]) == ("rig-7", "eu-west", True)
         assert len(sent["gpus"]) == 2
         # Logs are JSON lines.

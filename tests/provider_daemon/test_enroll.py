@@ -1,6 +1,6 @@
 import pytest
 
-from provider_daemon.enroll import build_join_request, join, parse_prices
+from provider_daemon.enroll import build_join_request, join, parse_labels, parse_prices
 from provider_daemon.errors import JoinError
 from provider_daemon.gpus import SimulatedGpus
 from tests.provider_daemon.conftest import FakeGateway
@@ -49,7 +49,11 @@ class TestJoin:
             "model": "A100",
             "vram_mb": 80 * 1024,
             "compute_capability": "8.0",
+            # Simulated GPUs have no PCIe link to speak of.
+            "pcie_gen": None,
+            "pcie_width": None,
         }
+        assert body["labels"] == {}
         assert body["prices"] == {"A100": 0.5, "RTX 4090": 0.5}
 
     async def test_join_returns_the_identity(self, gateway: FakeGateway) -> None:
@@ -66,3 +70,9 @@ class TestJoin:
     async def test_unreachable_api(self) -> None:
         with pytest.raises(JoinError, match="join failed: cannot reach"):
             await join("http://127.0.0.1:9", join_body(), timeout_s=2)
+
+
+def test_labels_parse_and_bad_ones_say_why() -> None:
+    assert parse_labels(["tier=3", " nvlink = yes "]) == {"tier": "3", "nvlink": "yes"}
+    with pytest.raises(JoinError, match="KEY=VALUE"):
+        parse_labels(["tier"])

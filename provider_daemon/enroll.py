@@ -7,6 +7,7 @@ from typing import Any
 import httpx
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from common.gpu_models import canonical_model
 from provider_daemon.errors import JoinError
 from provider_daemon.gpus import Inventory
 
@@ -24,8 +25,12 @@ class JoinResponse(BaseModel):
 
 
 def parse_prices(items: list[str], inventory: Inventory) -> dict[str, float]:
-    """Turns ["MODEL=USD", ...] into a price for every model here (default 0.5 USD/GPU-hour)."""
-    models = sorted({g.model for g in inventory.gpus})
+    """Turns ["MODEL=USD", ...] into a price for every model here (default 0.5 USD/GPU-hour).
+
+    Models go by the platform's spelling, so "H100 80GB HBM3=2.5" prices the card NVML
+    calls "NVIDIA H100 80GB HBM3".
+    """
+    models = sorted({canonical_model(g.model) for g in inventory.gpus})
     prices = dict.fromkeys(models, DEFAULT_PRICE_USD_PER_GPU_HOUR)
     for item in items:
         model, sep, value = item.rpartition("=")
@@ -38,7 +43,7 @@ def parse_prices(items: list[str], inventory: Inventory) -> dict[str, float]:
             raise JoinError(f"--price: {value!r} in {item!r} is not a number") from None
         if not math.isfinite(price) or price < 0:
             raise JoinError(f"--price: {item!r} must be a non-negative number")
-        match = next((m for m in models if m.lower() == model.lower()), None)
+        match = next((m for m in models if m == canonical_model(model)), None)
         if match is None:
             raise JoinError(
                 f"--price: no GPU of model {model!r} on this machine (models: {', '.join(models)})"

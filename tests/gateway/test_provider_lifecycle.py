@@ -1,19 +1,27 @@
 """`provider-daemon status`, `drain`, `resume` and `leave` against the real platform, and
 the offers and fleet metrics the registry serves."""
 
+import asyncio
 import json
+import secrets
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import httpx
+from sqlalchemy import text
 
+from common.db import make_engine
+from common.gpu_models import canonical_model
 from gpumarket.client import Client
 from gpumarket.platform import LocalPlatform
 from provider_daemon.config import ProviderConfig, save_config
+from provider_daemon.enroll import build_join_request, parse_prices
+from provider_daemon.gpus import NvmlGpus, SimulatedGpus
 from tests.fixtures.platform import join_machine, new_user
 from tests.gateway.test_jobs_api import wait_for
+from tests.provider_daemon.recorded_nvml import H100_80GB_HBM3, RTX_4090, RecordedNvml
 
 TERMINAL = {"succeeded", "failed", "cancelled", "timed_out"}
 
@@ -129,3 +137,85 @@ def test_registry_exports_fleet_metrics(platform: LocalPlatform) -> None:
     assert 'gpumarket_providers{state="online"}' in text
     assert "gpumarket_gpu_utilization_percent{" in text
     assert "registry_heartbeat_ingest_lag_seconds_bucket" in text
+
+
+def join_body(platform: LocalPlatform, owner: Client, inventory_source: object) -> dict:
+    token = owner.request("POST", "/v1/providers/join-tokens")["token"]
+    inventory = inventory_source.inventory()  # type: ignore[attr-defined]
+    return build_join_request(
+        token=token,
+        machine_id=secrets.token_hex(8),
+        name="rig",
+        region="eu-west",
+        inventory=inventory,
+        prices=parse_prices(["H100 80GB HBM3=2.5"], inventory)
+        if any("H100" in g.model for g in inventory.gpus)
+        else parse_prices([], inventory),
+        labels={"tier": "3"},
+    )
+
+
+def test_nvml_and_simulated_inventories_are_stored_as_read(platform: LocalPlatform) -> None:
+    owner = new_user(platform, "provider")
+    nvml = NvmlGpus(RecordedNvml([H100_80GB_HBM3, RTX_4090]))
+    simulated = SimulatedGpus("A100:2", secrets.token_hex(8))
+    try:
+        for source in (nvml, simulated):
+            body = join_body(platform, owner, source)
+            response = httpx.post(f"{platform.gateway_url}/v1/providers/join", json=body)
+            assert response.status_code == 201, response.text
+            stored = owner.request("GET", f"/v1/providers/{response.json()['provider_id']}")
+            inventory = source.inventory()
+            assert stored["simulated"] is inventory.simulated
+            assert stored["driver_version"] == inventory.driver_version
+            assert stored["cuda_version"] == inventory.cuda_version
+            assert stored["labels"] == {"tier": "3"} and stored["region"] == "eu-west"
+            got = [
+                (g["uuid"], g["index"], g["model"], g["vram_mb"], g["compute_capability"],
+                 g["pcie_gen"], g["pcie_width"], g["simulated"])
+                for g in stored["gpus"]
+            ]  # fmt: skip
+            want = [
+                (g.uuid, g.index, canonical_model(g.model), g.vram_mb, g.compute_capability,
+                 g.pcie_gen, g.pcie_width, inventory.simulated)
+                for g in inventory.gpus
+            ]  # fmt: skip
+            assert got == want
+            if not inventory.simulated:
+                # Priced by the platform's spelling of NVML's "NVIDIA H100 80GB HBM3".
+                prices = {g["model"]: g["price_per_gpu_hour"] for g in stored["gpus"]}
+                assert prices == {"H100 80GB HBM3": "2.500000", "RTX 4090": "0.500000"}
+    finally:
+        nvml.close()
+    # The recorded H100 host as the platform has it: driver, CUDA, PCIe gen 5 x16.
+    assert want and nvml.inventory().driver_version == "545.23.08"
+
+
+def test_join_with_a_used_or_expired_token_is_refused_and_writes_nothing(
+    platform: LocalPlatform,
+) -> None:
+    owner = new_user(platform, "provider")
+    body = join_body(platform, owner, SimulatedGpus("T4:1", secrets.token_hex(8)))
+    join_url = f"{platform.gateway_url}/v1/providers/join"
+    assert httpx.post(join_url, json=body).status_code == 201
+    # The same token on another machine: refused.
+    other = {**body, "machine_id": secrets.token_hex(8)}
+    used = httpx.post(join_url, json=other)
+    assert used.status_code == 409 and "token" in used.text
+    # An expired one: refused, even for the machine it was first used on.
+    expired = join_body(platform, owner, SimulatedGpus("T4:1", secrets.token_hex(8)))
+    asyncio.run(_expire_join_tokens(platform))
+    gone = httpx.post(join_url, json=expired)
+    assert gone.status_code == 410 and "expired" in gone.text
+    assert len(owner.request("GET", "/v1/providers")) == 1
+
+
+async def _expire_join_tokens(platform: LocalPlatform) -> None:
+    engine = make_engine(platform.service_env()["GPUMARKET_DATABASE_URL"])
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(
+                text("UPDATE join_tokens SET expires_at = now() - interval '1 second'")
+            )
+    finally:
+        await engine.dispose()

@@ -1,6 +1,7 @@
 """What every HTTP service mounts: /healthz, /metrics, request metrics, 4xx error bodies,
 request ids and a request body size limit."""
 
+import asyncio
 import hmac
 import time
 from collections.abc import Awaitable, Callable
@@ -8,7 +9,16 @@ from collections.abc import Awaitable, Callable
 from fastapi import FastAPI, Header, HTTPException, Request, status
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from prometheus_client import Counter, Histogram, make_asgi_app
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
+from starlette.responses import Response
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from common.body_limit import DEFAULT_MAX_BODY_BYTES, BodyLimitMiddleware
 from common.errors import DomainError
@@ -55,6 +65,18 @@ async def _domain_error(_: Request, exc: DomainError) -> JSONResponse:
     return JSONResponse(status_code=exc.status_code, content=exc.body(), headers=exc.headers())
 
 
+def metrics_app(registry: CollectorRegistry = REGISTRY) -> ASGIApp:
+    """/metrics rendered off the event loop: the registry's fleet gauges run to hundreds of
+    thousands of samples, and rendering them must not stall the requests and heartbeats
+    this loop serves."""
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        body = await asyncio.to_thread(generate_latest, registry)
+        await Response(body, media_type=CONTENT_TYPE_LATEST)(scope, receive, send)
+
+    return app
+
+
 def install_common(
     app: FastAPI,
     service: str,
@@ -71,7 +93,7 @@ def install_common(
         app.add_middleware(BodyLimitMiddleware, max_bytes=max_request_body_bytes)
     app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
     app.add_exception_handler(DomainError, _domain_error)  # type: ignore[arg-type]
-    app.mount("/metrics", make_asgi_app())
+    app.mount("/metrics", metrics_app())
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz() -> JSONResponse:

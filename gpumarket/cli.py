@@ -11,6 +11,7 @@ from rich.console import Console
 
 from gpumarket.admin import admin_app
 from gpumarket.bench import run_jobs_bench
+from gpumarket.bench_heartbeats import run_heartbeats_bench
 from gpumarket.localstack.process import free_port
 from gpumarket.platform import DEFAULT_SIMULATED_GPUS, LocalPlatform
 from gpumarket.sample import dev_accounts, run_sample_job, start_local_provider
@@ -101,6 +102,24 @@ def bench_jobs(
             run_jobs_bench(platform.gateway_url, accounts["requester"], jobs, console)
         finally:
             platform.stop()
+
+
+@bench_app.command("heartbeats")
+def bench_heartbeats(
+    providers: int = typer.Option(10_000, min=1, max=50_000, help="Simulated daemons."),
+    interval: float = typer.Option(5.0, min=0.1, help="Seconds between a daemon's heartbeats."),
+    duration: float = typer.Option(30.0, min=1, help="Seconds measured, after the warm-up."),
+    processes: int | None = typer.Option(
+        None, min=1, help="Worker processes for the daemons [default: one per 2,500]."
+    ),
+) -> None:
+    """N daemons' heartbeats against a real registry; prints rate, ingest lag and CPU."""
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        run_heartbeats_bench(providers, interval, duration, processes, console)
+    except RuntimeError as exc:
+        console.print(f"[red]bench heartbeats failed:[/] {exc}")
+        raise typer.Exit(1) from exc
 
 
 def main() -> None:

@@ -5,6 +5,7 @@ import asyncio
 import hmac
 import time
 from collections.abc import Awaitable, Callable
+from urllib.parse import parse_qs
 
 from fastapi import FastAPI, Header, HTTPException, Request, status
 from fastapi.exceptions import RequestValidationError
@@ -71,7 +72,10 @@ def metrics_app(registry: CollectorRegistry = REGISTRY) -> ASGIApp:
     this loop serves."""
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
-        body = await asyncio.to_thread(generate_latest, registry)
+        # ?name[]=x&name[]=y asks for those series only, as prometheus_client's own app does.
+        names = parse_qs(scope.get("query_string", b"").decode()).get("name[]")
+        target = registry.restricted_registry(names) if names else registry
+        body = await asyncio.to_thread(generate_latest, target)
         await Response(body, media_type=CONTENT_TYPE_LATEST)(scope, receive, send)
 
     return app

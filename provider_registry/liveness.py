@@ -27,6 +27,9 @@ async def ingest_heartbeats(session: AsyncSession, beats: list[Heartbeat]) -> li
     providers that were offline and are back."""
     if not beats:
         return []
+    # Rows locked in one order (by id) by every writer of many providers, so two
+    # transactions can never each hold a row the other waits for.
+    beats = sorted(beats, key=lambda b: b.provider_id)
     ids = [b.provider_id for b in beats]
     revived = list(
         (
@@ -63,7 +66,7 @@ async def ingest_heartbeats(session: AsyncSession, beats: list[Heartbeat]) -> li
             "reason": (g.health_reason or "")[:256] or None,
         }
         for b in beats
-        for g in b.gpus
+        for g in sorted(b.gpus, key=lambda g: g.uuid)
     ]
     if metrics:
         gpus = Gpu.__table__

@@ -91,7 +91,10 @@ async def recompute(session: AsyncSession, window_days: int) -> int:
                 Provider.reliability,
                 func.round(cast(uptime, Numeric), 4),
                 func.round(cast(uptime * task_score, Numeric), 4),
-            ).where(Provider.state != LEFT)
+            )
+            .where(Provider.state != LEFT)
+            # The heartbeat batches' lock order (see liveness.ingest_heartbeats).
+            .order_by(Provider.id)
         )
     ).all()
     changed = [

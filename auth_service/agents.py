@@ -87,8 +87,12 @@ async def revoke_credentials(
     return result.rowcount  # type: ignore[attr-defined]
 
 
+OWNER_DISABLED = "the machine's owner account is disabled"
+
+
 async def resolve(session: AsyncSession, secret: str) -> AgentCredential | None:
-    """The live credential, if its owner is enabled."""
+    """The live credential, if its owner is enabled; a disabled owner's credential raises
+    Unauthorized saying so, because unlike a revoked one it comes back on enable."""
     row = (
         await session.execute(
             select(AgentCredential, User.disabled)
@@ -99,8 +103,10 @@ async def resolve(session: AsyncSession, secret: str) -> AgentCredential | None:
     if row is None:
         return None
     credential, owner_disabled = row
-    if credential.revoked_at is not None or owner_disabled:
+    if credential.revoked_at is not None:
         return None
+    if owner_disabled:
+        raise Unauthorized(OWNER_DISABLED)
     now = datetime.now(UTC)
     if credential.last_used_at is None or credential.last_used_at < now - LAST_USED_RESOLUTION:
         credential.last_used_at = now

@@ -11,7 +11,12 @@ import httpx
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from common.messages import OutputFile
-from provider_daemon.errors import CredentialRejected, DaemonError, InfrastructureError
+from provider_daemon.errors import (
+    CredentialRejected,
+    DaemonError,
+    InfrastructureError,
+    OwnerDisabled,
+)
 
 log = logging.getLogger(__name__)
 
@@ -55,15 +60,18 @@ class _Transient(Exception):
     """Worth another try: the connection failed or the server had a 5xx moment."""
 
 
+def _detail(response: httpx.Response) -> str:
+    try:
+        return str(response.json().get("detail", response.text))
+    except (ValueError, AttributeError):
+        return response.text.strip()[:300]
+
+
 def _check(response: httpx.Response, what: str) -> None:
     if response.status_code >= 500:
         raise _Transient(f"{what}: HTTP {response.status_code}")
     if response.status_code >= 400:
-        try:
-            detail = response.json().get("detail", response.text)
-        except (ValueError, AttributeError):
-            detail = response.text.strip()[:300]
-        raise InfrastructureError(f"{what}: HTTP {response.status_code}: {detail}")
+        raise InfrastructureError(f"{what}: HTTP {response.status_code}: {_detail(response)}")
 
 
 class AgentApi:
@@ -175,6 +183,11 @@ class AgentApi:
 
         async def call() -> dict[str, Any]:
             response = await self.client.request(method, url, headers=self._auth)
+            if response.status_code == 401 and "disabled" in _detail(response):
+                raise OwnerDisabled(
+                    "the machine's owner account is disabled; it takes no work until an "
+                    "admin enables it again"
+                )
             if response.status_code == 401:
                 raise CredentialRejected(
                     "the platform no longer accepts this machine's credential (it was "

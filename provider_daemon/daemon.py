@@ -27,7 +27,7 @@ from provider_daemon import metrics
 from provider_daemon.agent_api import AgentApi
 from provider_daemon.config import ProviderConfig
 from provider_daemon.containers import LABEL_ATTEMPT, LABEL_JOB, Containers
-from provider_daemon.errors import CredentialRejected, DaemonError
+from provider_daemon.errors import CredentialRejected, DaemonError, OwnerDisabled
 from provider_daemon.gpus import GpuSource
 from provider_daemon.preflight import check_machine
 from provider_daemon.publisher import Publisher
@@ -53,8 +53,6 @@ class Tuning:
     metrics_host: str = "127.0.0.1"
     # How often the daemon asks the platform whether it still accepts this machine.
     credential_check_s: float = 60.0
-    # The container check before taking work; tests of other things may skip it.
-    preflight: bool = True
 
 
 _CONNECTION_ERRORS = (
@@ -159,9 +157,8 @@ class Daemon:
         """Runs until `stop` is set; then stops every job, reports it, and drains NATS."""
         containers = Containers(self.config.docker_host)
         await containers.ping()
-        if self.tuning.preflight:
-            report = await check_machine(containers, self.inventory, self.config.check_image)
-            log.info("machine check passed: %s", report)
+        report = await check_machine(containers, self.inventory, self.config.check_image)
+        log.info("machine check passed: %s", report)
         sock = None
         if self.metrics_port is not None:
             sock = metrics.bind(self.tuning.metrics_host, self.metrics_port)
@@ -208,8 +205,9 @@ class Daemon:
 
     async def _watch_credential(self, agent: AgentApi, stop: asyncio.Event) -> None:
         """Stops the daemon, with one clear line, once the platform refuses this machine
-        (its credential revoked, its owner disabled, or it left); an unreachable platform
-        is only logged: the daemon keeps serving tasks over NATS meanwhile."""
+        for good (its credential revoked, or it left). A disabled owner only pauses it
+        (the platform places no work meanwhile), and an unreachable platform is only
+        logged: the daemon keeps serving tasks over NATS meanwhile."""
         while not await wait_event(stop, self.tuning.credential_check_s):
             try:
                 await agent.status()
@@ -217,6 +215,8 @@ class Daemon:
                 log.error("%s; stopping", exc)
                 self.rejected = exc
                 stop.set()
+            except OwnerDisabled as exc:
+                log.warning("%s", exc)
             except DaemonError as exc:
                 log.warning("cannot check in with the platform: %s", exc)
 

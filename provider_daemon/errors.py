@@ -31,3 +31,8 @@ class PreflightError(DaemonError):
 
 class CredentialRejected(DaemonError):
     """The platform no longer accepts this machine's credential (revoked, or it left)."""
+
+
+class OwnerDisabled(DaemonError):
+    """The machine's owner account is disabled: no work until an admin enables it again,
+    when the same credential works again."""

@@ -8,7 +8,7 @@ from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from auth_service import accounts, agents
 from auth_service.models import JoinToken
-from common.errors import Conflict, Forbidden, Gone
+from common.errors import Conflict, Forbidden, Gone, Unauthorized
 from tests.auth_service.factories import SETTINGS, create_user
 
 
@@ -62,7 +62,9 @@ async def test_a_disabled_owner_cuts_its_daemons_off(db: async_sessionmaker) -> 
     _, _, credential = await redeem(db, token, "m")
     async with db.begin() as session:
         await accounts.set_disabled(session, owner_id, True)
-    assert not await resolves(db, credential)
+    # Said as such, so the daemon waits for its owner instead of giving up for good.
+    with pytest.raises(Unauthorized, match="owner account is disabled"):
+        await resolves(db, credential)
     async with db.begin() as session:
         await accounts.set_disabled(session, owner_id, False)
     assert await resolves(db, credential)

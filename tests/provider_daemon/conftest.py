@@ -54,6 +54,8 @@ class FakeGateway:
     joins: list[dict[str, Any]] = field(default_factory=list)
     # Credentials the platform no longer accepts (revoked, or the machine left).
     revoked: set[str] = field(default_factory=set)
+    # Credentials whose owner is disabled (accepted again once enabled).
+    owner_disabled: set[str] = field(default_factory=set)
 
     def _authorized(self, request: Request) -> bool:
         return request.headers.get("authorization") == f"Bearer {self.credential}"
@@ -77,6 +79,9 @@ class FakeGateway:
         token = request.headers.get("authorization", "").removeprefix("Bearer ")
         if token in self.revoked or not token:
             return JSONResponse({"detail": "credential revoked"}, status_code=401)
+        if token in self.owner_disabled:
+            detail = "the machine's owner account is disabled"
+            return JSONResponse({"detail": detail}, status_code=401)
         return JSONResponse(
             {"provider": {"id": "p"}, "running_tasks": [], "tasks_ended": 0, "earned_usd": "0"}
         )

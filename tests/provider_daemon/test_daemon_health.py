@@ -51,3 +51,19 @@ async def test_a_revoked_credential_stops_the_daemon_with_a_clear_error(
             await asyncio.wait_for(running.task, 30)
     finally:
         gateway.revoked.discard(credential)
+
+
+async def test_a_disabled_owner_pauses_the_daemon_instead_of_stopping_it(
+    start_daemon: StartDaemon, gateway: FakeGateway
+) -> None:
+    credential = "gpma_owner-disabled"
+    gateway.owner_disabled.add(credential)
+    try:
+        running = await start_daemon(credential=credential, credential_check_s=0.2)
+        beats = len(running.heartbeats)
+        await asyncio.sleep(1.5)
+        # Still running and beating: enabling the owner brings the machine straight back.
+        assert not running.task.done()
+        assert len(running.heartbeats) > beats
+    finally:
+        gateway.owner_disabled.discard(credential)

@@ -41,6 +41,7 @@ from rich.table import Table
 from gpumarket.localstack.nats import NatsServer, start_nats
 from gpumarket.localstack.postgres import PostgresServer, start_postgres
 from gpumarket.localstack.process import free_port, log_tail, spawn, stop_process, wait_until
+from gpumarket.platform import service_argv
 
 HEARTBEATS_OK = "registry_heartbeats_total"
 LAG = "registry_heartbeat_ingest_lag_seconds"
@@ -565,9 +566,7 @@ def start_registry(stack: Stack, log_dir: Path) -> None:
         "GPUMARKET_NATS_URL": stack.nats.url,
         "GPUMARKET_INTERNAL_TOKEN": secrets.token_urlsafe(32),
     }
-    argv = [sys.executable, "-m", "uvicorn", "provider_registry.app:create_app",
-            "--factory", "--host", "127.0.0.1", "--port", str(stack.registry_port),
-            "--no-access-log"]  # fmt: skip
+    argv = service_argv("provider_registry", stack.registry_port)
     proc = spawn("provider_registry", argv, log_dir / "provider_registry.log", env=env)
     stack.registry = proc
     stack._stops.append(lambda: stop_process(proc, timeout=20))

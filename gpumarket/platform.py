@@ -43,6 +43,14 @@ class ServiceProcess:
     health_url: str | None = None
 
 
+def service_argv(name: str, port: int) -> list[str]:
+    """How an HTTP service of the platform runs: its app factory under uvicorn."""
+    return [
+        sys.executable, "-m", "uvicorn", f"{name}.app:create_app", "--factory",
+        "--host", "127.0.0.1", "--port", str(port), "--no-access-log",
+    ]  # fmt: skip
+
+
 @dataclass
 class LocalPlatform:
     data_dir: Path
@@ -142,19 +150,7 @@ class LocalPlatform:
         self.ports["gateway"] = self.gateway_port
         env = self.service_env()
         for name in ("auth_service", "storage_service", "provider_registry", "gateway"):
-            argv = [
-                sys.executable,
-                "-m",
-                "uvicorn",
-                f"{name}.app:create_app",
-                "--factory",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(self.ports[name]),
-                "--no-access-log",
-            ]
-            self._spawn(name, argv, env, self.ports[name])
+            self._spawn(name, service_argv(name, self.ports[name]), env, self.ports[name])
         self._spawn(
             "scheduler", [sys.executable, "-m", "scheduler.worker"], env, self.ports["scheduler"]
         )

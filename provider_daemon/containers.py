@@ -110,14 +110,6 @@ class Containers:
             ) from None
         self.docker_host = docker_host
 
-    async def ping(self) -> None:
-        try:
-            await asyncio.to_thread(self.client.ping)
-        except Exception as exc:
-            raise DaemonError(
-                f"cannot reach the container engine at {self.docker_host}: {explain(exc)}"
-            ) from None
-
     def close(self) -> None:
         self.client.close()
 

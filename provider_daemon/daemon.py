@@ -156,7 +156,6 @@ class Daemon:
     async def run(self, stop: asyncio.Event) -> None:
         """Runs until `stop` is set; then stops every job, reports it, and drains NATS."""
         containers = Containers(self.config.docker_host)
-        await containers.ping()
         report = await check_machine(containers, self.inventory, self.config.check_image)
         log.info("machine check passed: %s", report)
         sock = None

@@ -349,12 +349,8 @@ class SimulatedGpus:
         pass
 
 
-def open_gpus(
-    simulate: str | None,
-    machine_id: str,
-    xid_quarantine_s: float = DEFAULT_XID_QUARANTINE_S,
-) -> GpuSource:
+def open_gpus(simulate: str | None, machine_id: str) -> GpuSource:
     """NVML unless --simulate was given; raises NvmlUnavailable with a clear message."""
     if simulate:
         return SimulatedGpus(simulate, machine_id)
-    return NvmlGpus(xid_quarantine_s=xid_quarantine_s)
+    return NvmlGpus()

@@ -26,7 +26,6 @@ def create_app(settings: RegistrySettings | None = None) -> FastAPI:
         )
         await ensure_streams(app.state.nc.jetstream())
         app.state.stop = asyncio.Event()
-        app.state.ingest = ingest
         app.state.ingest_task = asyncio.create_task(ingest.run(app.state.nc, app.state.stop))
 
     async def shutdown(app: FastAPI) -> None:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import ColumnElement, Integer, and_, cast, func, select
+from sqlalchemy import ColumnElement, Integer, Select, and_, cast, func, select
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -90,8 +90,23 @@ def _machine_filters(q: OfferQuery) -> list[ColumnElement[bool]]:
     return conditions
 
 
+# Free GPUs of one model on one machine: not held by a job, and healthy.
+FREE = func.count().filter(and_(Gpu.reserved_job_id.is_(None), Gpu.healthy.is_(True)))
+
+
+def _offers(q: OfferQuery, *columns: Any) -> Select:
+    """The offers matching `q`, one row per machine and model, with `columns`."""
+    return (
+        select(*columns)
+        .select_from(Provider)
+        .join(Gpu, Gpu.provider_id == Provider.id)
+        .where(*_machine_filters(q), *_gpu_filters(q))
+        .group_by(Provider.id, Gpu.model)
+        .having(FREE >= max(1, q.min_gpus))
+    )
+
+
 async def search_offers(session: AsyncSession, q: OfferQuery) -> OfferPage:
-    free = func.count().filter(and_(Gpu.reserved_job_id.is_(None), Gpu.healthy.is_(True)))
     price = func.max(Gpu.price_per_hour)
     vram = func.min(Gpu.vram_mb)
     order = {
@@ -101,11 +116,12 @@ async def search_offers(session: AsyncSession, q: OfferQuery) -> OfferPage:
         "-reliability": [Provider.reliability.desc()],
         "vram": [vram.asc()],
         "-vram": [vram.desc()],
-        "free_gpus": [free.asc()],
-        "-free_gpus": [free.desc()],
+        "free_gpus": [FREE.asc()],
+        "-free_gpus": [FREE.desc()],
     }[q.sort]
     query = (
-        select(
+        _offers(
+            q,
             Provider.id,
             Provider.name,
             Provider.region,
@@ -120,14 +136,10 @@ async def search_offers(session: AsyncSession, q: OfferQuery) -> OfferPage:
             func.min(Gpu.pcie_gen),
             func.min(Gpu.pcie_width),
             price,
-            free,
+            FREE,
             func.count(),
             func.count().over(),
         )
-        .join(Gpu, Gpu.provider_id == Provider.id)
-        .where(*_machine_filters(q), *_gpu_filters(q))
-        .group_by(Provider.id, Gpu.model)
-        .having(free >= max(1, q.min_gpus))
         .order_by(*order, Provider.reliability.desc(), price.asc(), Provider.id, Gpu.model)
         .limit(q.limit)
         .offset(q.offset)
@@ -162,12 +174,5 @@ async def _count(session: AsyncSession, q: OfferQuery) -> int:
     """The total when the page itself is empty (an offset past the end)."""
     if q.offset == 0:
         return 0
-    free = func.count().filter(and_(Gpu.reserved_job_id.is_(None), Gpu.healthy.is_(True)))
-    grouped = (
-        select(Gpu.provider_id)
-        .join(Provider, Provider.id == Gpu.provider_id)
-        .where(*_machine_filters(q), *_gpu_filters(q))
-        .group_by(Gpu.provider_id, Gpu.model)
-        .having(free >= max(1, q.min_gpus))
-    ).subquery()
+    grouped = _offers(q, Provider.id).subquery()
     return await session.scalar(select(func.count()).select_from(grouped)) or 0

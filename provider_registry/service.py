@@ -164,14 +164,19 @@ async def _provider_for_update(session: AsyncSession, provider_id: str) -> Provi
     provider = await session.get(
         Provider, provider_id, options=[selectinload(Provider.gpus)], with_for_update=True
     )
-    if provider is None or provider.state == LEFT:
+    if provider is None:
         raise NotFound(f"provider {provider_id} not found")
     return provider
 
 
 async def set_drain(session: AsyncSession, provider_id: str, drain: bool) -> Provider:
-    """Drain: running tasks finish, no new one is placed. Resume undoes it."""
+    """Drain: running tasks finish, no new one is placed. Resume undoes it. A machine that
+    left is drained for good, so a retried `leave` (drain, then leave) still goes through."""
     provider = await _provider_for_update(session, provider_id)
+    if provider.state == LEFT:
+        if drain:
+            return provider
+        raise Conflict("the machine left the platform; join it again", field="provider_id")
     provider.drain_requested = drain
     if provider.state in (ONLINE, DRAINING):
         provider.state = DRAINING if drain else ONLINE
@@ -181,8 +186,11 @@ async def set_drain(session: AsyncSession, provider_id: str, drain: bool) -> Pro
 
 async def leave(session: AsyncSession, provider_id: str) -> Provider:
     """Takes the machine off the platform for good; refused while it still runs tasks,
-    so nobody's job is cut short by an owner's exit."""
+    so nobody's job is cut short by an owner's exit. Leaving twice is leaving once, so
+    a leave retried after its credential revocation failed can finish."""
     provider = await _provider_for_update(session, provider_id)
+    if provider.state == LEFT:
+        return provider
     busy = sorted({g.reserved_job_id for g in provider.gpus if g.reserved_job_id})
     if busy:
         raise Conflict(

@@ -216,6 +216,21 @@ class TestMalformedRequests:
             ({"prices": {"L4": 1e30}}, "prices.L4"),
             ({"machine_id": "m\x00"}, "machine_id"),
             ({"gpus": []}, "gpus"),
+            ({"labels": {"Not A Key!": "x"}}, "labels"),
+            (
+                {
+                    "gpus": [
+                        {
+                            "uuid": "u",
+                            "index": 0,
+                            "model": "L4",
+                            "vram_mb": 1,
+                            "compute_capability": "8.9.1",
+                        }
+                    ]
+                },
+                "gpus.0.compute_capability",
+            ),
         ],
     )
     def test_bad_join_is_422(self, platform, change, field) -> None:  # type: ignore[no-untyped-def]

@@ -66,8 +66,13 @@ class TestDrainAndLeave:
         assert (await reload(db, machine.id)).state == LEFT
         async with db() as session:
             assert await service.list_providers(session, machine.owner_id) == []
+            # A retried leave (drain, then leave) goes through; coming back needs a new join.
+            assert (await service.set_drain(session, machine.id, True)).state == LEFT
+            assert (await service.leave(session, machine.id)).state == LEFT
+            with pytest.raises(Conflict, match="join it again"):
+                await service.set_drain(session, machine.id, False)
             with pytest.raises(NotFound):
-                await service.set_drain(session, machine.id, True)
+                await service.leave(session, "00000000-0000-0000-0000-000000000000")
 
 
 class TestHealth:

@@ -19,3 +19,19 @@ SafeStr = Annotated[str, AfterValidator(_no_nul)]
 Price = Annotated[
     Decimal, Field(ge=0, le=100_000, max_digits=12, decimal_places=6, allow_inf_nan=False)
 ]
+
+# "8.9", "12.4": compared as numbers part by part, so "10.0" is above "9.0".
+VERSION_PATTERN = r"^\d{1,3}\.\d{1,3}$"
+# Label keys, Kubernetes-like: lowercase, digits, '.', '_', '-', '/'.
+LABEL_KEY_PATTERN = r"^[a-z0-9]([a-z0-9._/-]{0,62}[a-z0-9])?$"
+
+
+def version_number(version: str | None) -> int | None:
+    """'8.9' -> 8009, '12.10' -> 12010: one integer that orders versions correctly."""
+    if not version:
+        return None
+    major, _, minor = version.partition(".")
+    try:
+        return int(major) * 1000 + int(minor or 0)
+    except ValueError:
+        return None

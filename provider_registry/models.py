@@ -12,6 +12,7 @@ from sqlalchemy import (
     ForeignKey,
     Integer,
     Numeric,
+    Sequence,
     String,
     UniqueConstraint,
     func,
@@ -28,6 +29,9 @@ OFFLINE = "offline"
 DRAINING = "draining"
 # The owner took the machine off the platform for good; its history stays.
 LEFT = "left"
+
+# One counter for every change that matters to placement (see capacity_seq below).
+CAPACITY_SEQ = Sequence("capacity_seq", metadata=Base.metadata)
 
 
 class Provider(Base):
@@ -48,6 +52,13 @@ class Provider(Base):
     simulated: Mapped[bool] = mapped_column(Boolean, default=False)
     driver_version: Mapped[str | None] = mapped_column(String(64))
     cuda_version: Mapped[str | None] = mapped_column(String(32))
+    cpu_count: Mapped[int | None] = mapped_column(Integer)
+    memory_mb: Mapped[int | None] = mapped_column(BigInteger)
+    # Bumped by a trigger whenever anything placement depends on changes, so schedulers
+    # refresh their in-memory view of the fleet from the rows changed since they looked.
+    capacity_seq: Mapped[int] = mapped_column(
+        BigInteger, server_default=CAPACITY_SEQ.next_value(), index=True
+    )
     last_heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     # Set while the machine may take no work whatever its heartbeats say: its owner was
     # disabled, or its credential was revoked (then for good: it joins again as a new one).
@@ -89,6 +100,9 @@ class Gpu(Base):
     healthy: Mapped[bool] = mapped_column(Boolean, default=True, server_default="true")
     health_reason: Mapped[str | None] = mapped_column(String(256))
     metrics_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    capacity_seq: Mapped[int] = mapped_column(
+        BigInteger, server_default=CAPACITY_SEQ.next_value(), index=True
+    )
 
     provider: Mapped[Provider] = relationship(back_populates="gpus")
 

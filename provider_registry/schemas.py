@@ -5,7 +5,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from common.types import Price, SafeStr
+from common.types import LABEL_KEY_PATTERN, VERSION_PATTERN, Price, SafeStr
 
 OfferSort = Literal[
     "price", "-price", "reliability", "-reliability", "vram", "-vram", "free_gpus", "-free_gpus"
@@ -25,7 +25,7 @@ class GpuSpec(BaseModel):
     pcie_width: int | None = Field(default=None, ge=1, le=64)
 
 
-LABEL_KEY = r"^[a-z0-9]([a-z0-9._/-]{0,62}[a-z0-9])?$"
+LABEL_KEY = LABEL_KEY_PATTERN
 
 
 class MachineSpec(BaseModel):
@@ -143,7 +143,7 @@ class Suspended(BaseModel):
     providers: int
 
 
-VERSION = r"^\d{1,3}\.\d{1,3}$"
+VERSION = VERSION_PATTERN
 
 
 class OfferFilters(BaseModel):

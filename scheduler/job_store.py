@@ -13,7 +13,7 @@ from common.errors import NotFound
 from common.ids import is_uuid
 from scheduler import states
 from scheduler.models import Job, JobOutput
-from scheduler.schemas import JobOut, JobSpec, Resources
+from scheduler.schemas import JobOut, JobSpec, QueueInfo, Resources
 
 
 def output_key(job_id: str, attempt: int, path: str) -> str:
@@ -24,25 +24,41 @@ def log_key(job_id: str, attempt: int) -> str:
     return f"{job_id}/{attempt}.log"
 
 
-async def create_job(session: AsyncSession, owner_id: str, spec: JobSpec) -> Job:
-    job = Job(
+def new_job(
+    owner_id: str, spec: JobSpec, array_id: str | None = None, array_index: int | None = None
+) -> Job:
+    resources = spec.resources
+    return Job(
         owner_id=owner_id,
         status=states.QUEUED,
         image=spec.image,
         command=spec.command,
         env=spec.env,
-        gpus=spec.resources.gpus,
-        gpu_models=spec.resources.gpu_models,
-        min_vram_gb=spec.resources.min_vram_gb,
+        gpus=resources.gpus,
+        gpu_models=resources.gpu_models,
+        min_vram_gb=resources.min_vram_gb,
+        min_compute_capability=resources.min_compute_capability,
+        min_cuda_version=resources.min_cuda_version,
+        region=resources.region,
+        labels=resources.labels,
+        cpus=resources.cpus,
+        memory_gb=resources.memory_gb,
         inputs=[i.model_dump() for i in spec.inputs],
         max_price_per_gpu_hour=spec.max_price_per_gpu_hour,
         max_duration_s=spec.max_duration_s,
         priority=spec.priority,
         retries=spec.retries,
+        retry_on_exit_codes=spec.retry_on_exit_codes,
+        array_id=array_id,
+        array_index=array_index,
         attempt=0,
         gpu_uuids=[],
         avoid_providers=[],
     )
+
+
+async def create_job(session: AsyncSession, owner_id: str, spec: JobSpec) -> Job:
+    job = new_job(owner_id, spec)
     session.add(job)
     await session.flush()
     await session.refresh(job, ["created_at"])
@@ -107,23 +123,45 @@ async def list_outputs(session: AsyncSession, job: Job) -> list[JobOutput]:
     return list((await session.scalars(query)).all())
 
 
-def job_out(job: Job) -> JobOut:
+def job_resources(job: Job) -> Resources:
+    return Resources(
+        gpus=job.gpus,
+        gpu_models=job.gpu_models,
+        min_vram_gb=job.min_vram_gb,
+        min_compute_capability=job.min_compute_capability,
+        min_cuda_version=job.min_cuda_version,
+        region=job.region,
+        labels=job.labels or {},
+        cpus=job.cpus,
+        memory_gb=job.memory_gb,
+    )
+
+
+def job_out(job: Job, queue: QueueInfo | None = None) -> JobOut:
     return JobOut(
         id=job.id,
         status=job.status,
         waiting_reason=job.waiting_reason,
+        queue=queue,
+        array_id=job.array_id,
+        array_index=job.array_index,
         attempt=job.attempt,
         provider_id=job.provider_id,
         exit_code=job.exit_code,
         failure_reason=job.failure_reason,
         image=job.image,
         command=job.command,
-        resources=Resources(gpus=job.gpus, gpu_models=job.gpu_models, min_vram_gb=job.min_vram_gb),
+        resources=job_resources(job),
         max_price_per_gpu_hour=job.max_price_per_gpu_hour,
         price_per_gpu_hour=job.price_per_gpu_hour,
         max_duration_s=job.max_duration_s,
+        priority=job.priority,
+        retries=job.retries,
+        retry_on_exit_codes=job.retry_on_exit_codes or [],
+        not_before=job.not_before,
         created_at=job.created_at,
         assigned_at=job.assigned_at,
+        accepted_at=job.accepted_at,
         started_at=job.started_at,
         finished_at=job.finished_at,
     )

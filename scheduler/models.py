@@ -37,6 +37,28 @@ class Job(Base):
             postgresql_where=text("status = 'queued'"),
         ),
         Index("ix_jobs_owner_created", "owner_id", "created_at"),
+        # Fair share reads each requester's queued jobs in its own priority order...
+        Index(
+            "ix_jobs_owner_queued",
+            "owner_id",
+            text("priority DESC"),
+            "created_at",
+            postgresql_where=text("status = 'queued'"),
+        ),
+        # ...and how many GPUs each requester holds now.
+        Index(
+            "ix_jobs_owner_active",
+            "owner_id",
+            postgresql_where=text("status IN ('assigned', 'running')"),
+            postgresql_include=["gpus"],
+        ),
+        # Deadlines: tasks not accepted in time, runs past max_duration_s, stuck cancels.
+        Index(
+            "ix_jobs_unfinished_assigned",
+            "assigned_at",
+            postgresql_where=text("finished_at IS NULL AND provider_id IS NOT NULL"),
+        ),
+        Index("ix_jobs_array", "array_id", "array_index"),
     )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=lambda: str(uuid.uuid4()))
@@ -49,11 +71,24 @@ class Job(Base):
     gpus: Mapped[int] = mapped_column(Integer)
     gpu_models: Mapped[list[str] | None] = mapped_column(JSONB)
     min_vram_gb: Mapped[float | None] = mapped_column(Float)
+    min_compute_capability: Mapped[str | None] = mapped_column(String(16))
+    min_cuda_version: Mapped[str | None] = mapped_column(String(16))
+    region: Mapped[str | None] = mapped_column(String(64))
+    labels: Mapped[dict[str, str]] = mapped_column(JSONB, default=dict, server_default="{}")
+    cpus: Mapped[float | None] = mapped_column(Float)
+    memory_gb: Mapped[float | None] = mapped_column(Float)
     inputs: Mapped[list[dict]] = mapped_column(JSONB, default=list)
     max_price_per_gpu_hour: Mapped[Decimal | None] = mapped_column(Numeric(12, 6))
     max_duration_s: Mapped[int] = mapped_column(Integer)
     priority: Mapped[int] = mapped_column(Integer, default=0)
     retries: Mapped[int] = mapped_column(Integer, default=2)
+    # A non-zero exit is the user's failure; these codes ask for a retry anyway.
+    retry_on_exit_codes: Mapped[list[int]] = mapped_column(
+        JSONB, default=list, server_default="[]"
+    )
+    # Job arrays: one batch submission, each job knowing its place in it.
+    array_id: Mapped[str | None] = mapped_column(String(36))
+    array_index: Mapped[int | None] = mapped_column(Integer)
     attempt: Mapped[int] = mapped_column(Integer, default=0)
     provider_id: Mapped[str | None] = mapped_column(String(36), index=True)
     gpu_uuids: Mapped[list[str]] = mapped_column(JSONB, default=list)
@@ -64,9 +99,14 @@ class Job(Base):
     failure_reason: Mapped[str | None] = mapped_column(Text)
     log_tail: Mapped[str | None] = mapped_column(Text)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    # A retry waits out its backoff: no placement before this time.
+    not_before: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     assigned_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    accepted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # When the platform asked the daemon to stop it (cancel or time limit).
+    stop_requested_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 

@@ -7,7 +7,7 @@ from pathlib import PurePosixPath
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from common.types import SafeStr
+from common.types import LABEL_KEY_PATTERN, VERSION_PATTERN, SafeStr
 
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 MAX_DURATION_S = 7 * 24 * 3600
@@ -25,8 +25,28 @@ class Resources(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     gpus: int = Field(default=1, ge=1, le=16)
+    # "H100" matches any H100 ("H100 80GB HBM3", "H100 PCIe"): every word must appear.
     gpu_models: list[SafeStr] | None = Field(default=None, min_length=1, max_length=16)
     min_vram_gb: float | None = Field(default=None, gt=0, le=1024)
+    min_compute_capability: str | None = Field(default=None, pattern=VERSION_PATTERN)
+    min_cuda_version: str | None = Field(default=None, pattern=VERSION_PATTERN)
+    region: SafeStr | None = Field(default=None, min_length=1, max_length=64)
+    # The machine's owner-set labels that must all be present with these values.
+    labels: dict[SafeStr, SafeStr] = Field(default_factory=dict, max_length=16)
+    # The job's share of the machine: a machine with 32 CPUs and 4 GPUs gives 8 CPUs
+    # (and a quarter of its memory) per GPU, as on Vast.ai; these ask for at least that.
+    cpus: float | None = Field(default=None, gt=0, le=1024)
+    memory_gb: float | None = Field(default=None, gt=0, le=16384)
+
+    @field_validator("labels")
+    @classmethod
+    def _label_keys(cls, labels: dict[str, str]) -> dict[str, str]:
+        for key, value in labels.items():
+            if not re.fullmatch(LABEL_KEY_PATTERN, key):
+                raise ValueError(f"label key {key!r} is not a valid label key")
+            if len(value) > 128:
+                raise ValueError(f"label {key!r}: value longer than 128 characters")
+        return labels
 
 
 class JobInput(BaseModel):
@@ -51,7 +71,19 @@ class JobSpec(BaseModel):
     )
     max_duration_s: int = Field(ge=1, le=MAX_DURATION_S)
     priority: int = Field(default=0, ge=-100, le=100)
+    # Retries after infrastructure faults (the machine or platform failed, not the job).
     retries: int = Field(default=2, ge=0, le=10)
+    # Exit codes that are worth another attempt too (e.g. a flaky download); counted
+    # against the same `retries`.
+    retry_on_exit_codes: list[int] = Field(default_factory=list, max_length=32)
+
+    @field_validator("retry_on_exit_codes")
+    @classmethod
+    def _exit_codes(cls, codes: list[int]) -> list[int]:
+        for code in codes:
+            if not 1 <= code <= 255:
+                raise ValueError(f"{code} is not a failing exit code (1-255)")
+        return sorted(set(codes))
 
     @field_validator("env")
     @classmethod
@@ -70,10 +102,22 @@ class JobSpec(BaseModel):
         return inputs
 
 
+class QueueInfo(BaseModel):
+    """Where a queued job stands: an estimate, not a promise."""
+
+    position: int = Field(description="jobs that go before this one (0: next)")
+    estimated_start_at: datetime | None = Field(
+        description="from the recent placement rate; null while nothing is being placed"
+    )
+
+
 class JobOut(BaseModel):
     id: str
     status: str
     waiting_reason: str | None
+    queue: QueueInfo | None = None
+    array_id: str | None = None
+    array_index: int | None = None
     attempt: int
     provider_id: str | None
     exit_code: int | None
@@ -84,7 +128,12 @@ class JobOut(BaseModel):
     max_price_per_gpu_hour: Decimal | None
     price_per_gpu_hour: Decimal | None
     max_duration_s: int
+    priority: int
+    retries: int
+    retry_on_exit_codes: list[int]
+    not_before: datetime | None = None
     created_at: datetime
     assigned_at: datetime | None
+    accepted_at: datetime | None = None
     started_at: datetime | None
     finished_at: datetime | None

@@ -59,6 +59,8 @@ class Job(Base):
             postgresql_where=text("finished_at IS NULL AND provider_id IS NOT NULL"),
         ),
         Index("ix_jobs_array", "array_id", "array_index"),
+        # The recent placement rate, for a queued job's estimated start.
+        Index("ix_jobs_assigned_at", "assigned_at"),
     )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=lambda: str(uuid.uuid4()))

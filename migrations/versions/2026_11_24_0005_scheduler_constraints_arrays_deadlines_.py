@@ -97,6 +97,7 @@ def upgrade() -> None:
     op.add_column("jobs", sa.Column("accepted_at", sa.DateTime(timezone=True), nullable=True))
     op.add_column("jobs", sa.Column("stop_requested_at", sa.DateTime(timezone=True), nullable=True))
     op.create_index("ix_jobs_array", "jobs", ["array_id", "array_index"], unique=False)
+    op.create_index("ix_jobs_assigned_at", "jobs", ["assigned_at"], unique=False)
     op.create_index(
         "ix_jobs_owner_active",
         "jobs",
@@ -160,6 +161,7 @@ def downgrade() -> None:
         postgresql_where=sa.text("status IN ('assigned', 'running')"),
         postgresql_include=["gpus"],
     )
+    op.drop_index("ix_jobs_assigned_at", table_name="jobs")
     op.drop_index("ix_jobs_array", table_name="jobs")
     op.drop_column("jobs", "stop_requested_at")
     op.drop_column("jobs", "accepted_at")

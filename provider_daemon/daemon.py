@@ -327,8 +327,23 @@ class Daemon:
             if run is not None:
                 log.info("cancel requested", extra=extra)
                 run.request_stop("cancelled", "cancelled")
-            else:
-                log.info("cancel for an attempt not running here; ignored", extra=extra)
+            elif key not in self.finished:
+                # Never ran here (its task was lost, or is still behind this message): say
+                # so, so the platform frees its GPUs, and refuse the task if it comes.
+                log.info("cancel for an attempt that never ran here", extra=extra)
+                if (
+                    await publisher.event(
+                        task.job_id,
+                        task.attempt,
+                        "finished",
+                        outcome="cancelled",
+                        reason="cancelled before it started on this machine",
+                    )
+                    is None
+                ):
+                    await _settle(msg.nak(delay=5))
+                    return
+                self._remember(key)
             await _settle(msg.ack())
             return
         if key in self.active or key in self.finished:

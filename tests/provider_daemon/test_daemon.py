@@ -112,6 +112,20 @@ class TestJobRuns:
         assert finished.outcome == "cancelled"
         assert running.types_of(task.job_id) == ["accepted", "started", "finished"]
 
+    async def test_cancel_before_the_task_arrives(self, start_daemon: StartDaemon) -> None:
+        """The platform frees the GPUs of a task that never reached the machine only when
+        the daemon says it never ran; the task, arriving late, must not run either."""
+        running = await start_daemon()
+        task = running.task_for(["sh", "-c", "echo ran"])
+        await running.send(TaskCancel(job_id=task.job_id, attempt=task.attempt))
+        finished = await running.finished(task.job_id, within=20)
+        assert finished.outcome == "cancelled"
+        await running.send(task)
+        await running.all_tasks_handled()
+        await asyncio.sleep(0.5)
+        assert running.types_of(task.job_id) == ["finished"]
+        assert running.log_lines(task.job_id) == []
+
     async def test_redelivered_assignment_is_ignored(self, start_daemon: StartDaemon) -> None:
         running = await start_daemon()
         task = running.task_for(["sh", "-c", "sleep 1; echo once"])

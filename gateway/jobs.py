@@ -1,5 +1,6 @@
 """Job submission, live event streams and logs, on top of the scheduler's job store."""
 
+import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -14,12 +15,17 @@ from common.errors import Invalid
 from common.ids import is_uuid
 from common.messages import JobSubmitted, LogBatch
 from gateway.clients import ServiceClient, ServiceUnavailable, UpstreamError
+from gateway.schemas import JobArrayOut, JobArrayRequest
 from gateway.storage import presign
 from scheduler import job_store, states
 from scheduler.models import Job
 from scheduler.schemas import JobOut, JobSpec
 
 log = logging.getLogger(__name__)
+
+
+# How many input files one submission looks up at storage_service at a time.
+FILE_CHECKS_IN_FLIGHT = 8
 
 
 async def submit_job(
@@ -30,35 +36,101 @@ async def submit_job(
     spec: JobSpec,
 ) -> JobOut:
     """Stores the job (it can't be lost once we answer 202), then publishes a wake-up."""
-    for i, item in enumerate(spec.inputs):
-        if not is_uuid(item.file_id):
-            raise Invalid(f"file {item.file_id} not found", field=f"inputs.{i}.file_id")
-        try:
-            await storage.request(
-                "GET", f"/internal/files/{item.file_id}", params={"owner_id": owner_id}
-            )
-        except UpstreamError as exc:
-            if exc.status_code == 404:
-                raise Invalid(
-                    f"file {item.file_id} not found", field=f"inputs.{i}.file_id"
-                ) from exc
-            raise
+    await _check_inputs(storage, owner_id, [("", spec)])
     async with db.begin() as session:
         job = await job_store.create_job(session, owner_id, spec)
+    await _wake_scheduler(
+        js, job.id, subjects.msg_id(job.id, job.attempt, "submitted"), {"job_id": job.id}
+    )
+    log.info("job submitted", extra={"job_id": job.id, "owner_id": owner_id})
+    return job_store.job_out(job)
+
+
+async def submit_array(
+    db: async_sessionmaker,
+    js: JetStreamContext,
+    storage: ServiceClient,
+    owner_id: str,
+    body: JobArrayRequest,
+) -> JobArrayOut:
+    """Stores a whole job array or nothing, then publishes one wake-up for all of it."""
+    specs, named = _array_specs(body)
+    await _check_inputs(storage, owner_id, named)
+    async with db.begin() as session:
+        array_id, created = await job_store.create_array(session, owner_id, specs)
+    await _wake_scheduler(
+        js, created[0].id, subjects.msg_id(array_id, 0, "array"), {"array_id": array_id}
+    )
+    log.info(
+        "job array submitted",
+        extra={"array_id": array_id, "count": len(created), "owner_id": owner_id},
+    )
+    return JobArrayOut(
+        array_id=array_id, count=len(created), jobs=[job_store.job_out(j) for j in created]
+    )
+
+
+def _array_specs(body: JobArrayRequest) -> tuple[list[JobSpec], list[tuple[str, JobSpec]]]:
+    """The array's specs, and the distinct specs with the field prefix their errors get."""
+    if body.jobs is not None:
+        if body.template is not None:
+            raise Invalid("give either jobs, or template with count, not both", field="template")
+        if body.count is not None:
+            raise Invalid("count goes with template, not with jobs", field="count")
+        return body.jobs, [(f"jobs.{i}.", spec) for i, spec in enumerate(body.jobs)]
+    if body.template is None:
+        field = "template" if body.count is not None else "jobs"
+        raise Invalid("give either jobs, or template with count", field=field)
+    if body.count is None:
+        raise Invalid("template needs a count", field="count")
+    return [body.template] * body.count, [("template.", body.template)]
+
+
+async def _check_inputs(
+    storage: ServiceClient, owner_id: str, specs: list[tuple[str, JobSpec]]
+) -> None:
+    """Every input file exists and is the owner's: each distinct file is asked for once.
+    A bad one is a 422 naming its first use (`<prefix>inputs.<i>.file_id`)."""
+    first_use: dict[str, str] = {}
+    for prefix, spec in specs:
+        for i, item in enumerate(spec.inputs):
+            field = f"{prefix}inputs.{i}.file_id"
+            if not is_uuid(item.file_id):
+                raise Invalid(f"file {item.file_id} not found", field=field)
+            first_use.setdefault(item.file_id, field)
+    in_flight = asyncio.Semaphore(FILE_CHECKS_IN_FLIGHT)
+
+    async def exists(file_id: str) -> bool:
+        async with in_flight:
+            try:
+                await storage.request(
+                    "GET", f"/internal/files/{file_id}", params={"owner_id": owner_id}
+                )
+            except UpstreamError as exc:
+                if exc.status_code == 404:
+                    return False
+                raise
+        return True
+
+    found = await asyncio.gather(*(exists(file_id) for file_id in first_use))
+    for (file_id, field), ok in zip(first_use.items(), found, strict=True):
+        if not ok:
+            raise Invalid(f"file {file_id} not found", field=field)
+
+
+async def _wake_scheduler(js: JetStreamContext, job_id: str, msg_id: str, extra: dict) -> None:
     try:
         await js.publish(
             subjects.JOB_SUBMITTED,
-            JobSubmitted(job_id=job.id, attempt=job.attempt).model_dump_json().encode(),
-            headers={"Nats-Msg-Id": subjects.msg_id(job.id, job.attempt, "submitted")},
+            JobSubmitted(job_id=job_id, attempt=0).model_dump_json().encode(),
+            headers={"Nats-Msg-Id": msg_id},
         )
     except Exception as exc:
-        # The job is safe in Postgres; the scheduler's next pass over queued jobs finds it.
+        # The jobs are safe in Postgres; the scheduler's next pass over queued jobs finds them.
         log.warning(
             "publish failed; the scheduler will find the job by its next pass",
-            extra={"job_id": job.id, "error": str(exc)},
+            extra={**extra, "error": str(exc)},
         )
-    log.info("job submitted", extra={"job_id": job.id, "owner_id": owner_id})
-    return job_store.job_out(job)
 
 
 async def _read_job(db: async_sessionmaker, job_id: str, owner_id: str | None) -> Job:

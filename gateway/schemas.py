@@ -8,7 +8,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from common.messages import OutputFile
 from common.types import SafeStr
 from provider_registry.schemas import MachineSpec, ProviderOut
-from scheduler.schemas import relative_path
+from scheduler.schemas import JobOut, JobSpec, relative_path
+
+MAX_ARRAY_JOBS = 1000
 
 
 class FileCreateRequest(BaseModel):
@@ -16,6 +18,22 @@ class FileCreateRequest(BaseModel):
 
     filename: SafeStr = Field(min_length=1, max_length=255)
     size: int = Field(ge=0)
+
+
+class JobArrayRequest(BaseModel):
+    """A job array: either `jobs` (one spec per job) or `template` with `count` copies."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    jobs: list[JobSpec] | None = Field(default=None, min_length=1, max_length=MAX_ARRAY_JOBS)
+    template: JobSpec | None = None
+    count: int | None = Field(default=None, ge=1, le=MAX_ARRAY_JOBS)
+
+
+class JobArrayOut(BaseModel):
+    array_id: str
+    count: int
+    jobs: list[JobOut]
 
 
 class JoinRequest(MachineSpec):

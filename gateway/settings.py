@@ -8,6 +8,8 @@ class GatewaySettings(ServiceSettings):
     # The NATS address handed to provider daemons at join (may differ from ours).
     public_nats_url: str | None = None
     heartbeat_interval_s: float = 5.0
+    # A job array of 1,000 full specs (env, inputs, commands) runs to a few MiB.
+    max_request_body_bytes: int = 8 * 1024 * 1024
     # Must stay below auth_service's signing_key_activation_delay_s.
     jwks_max_age_s: float = 30.0
     jwks_refresh_min_interval_s: float = 5.0

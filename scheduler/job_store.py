@@ -3,7 +3,9 @@
 Functions take the session; the caller owns the transaction.
 """
 
+import uuid
 from dataclasses import dataclass
+from datetime import timedelta
 from decimal import Decimal
 
 from sqlalchemy import func, select
@@ -65,6 +67,27 @@ async def create_job(session: AsyncSession, owner_id: str, spec: JobSpec) -> Job
     return job
 
 
+async def create_array(
+    session: AsyncSession, owner_id: str, specs: list[JobSpec]
+) -> tuple[str, list[Job]]:
+    """Inserts a job array: one job per spec, all with a fresh array id and their index.
+
+    created_at is the transaction's time plus the index in microseconds, so the queue's
+    (priority, created_at, id) order keeps an array's jobs in index order.
+    """
+    array_id = str(uuid.uuid4())
+    start = await session.scalar(select(func.now()))
+    jobs = []
+    for index, spec in enumerate(specs):
+        job = new_job(owner_id, spec, array_id, index)
+        job.id = str(uuid.uuid4())
+        job.created_at = start + timedelta(microseconds=index)
+        jobs.append(job)
+    session.add_all(jobs)
+    await session.flush()
+    return array_id, jobs
+
+
 async def get_job(session: AsyncSession, job_id: str, owner_id: str | None = None) -> Job:
     """The job; someone else's job is 'not found', so ids can't be probed."""
     job = await session.get(Job, job_id) if is_uuid(job_id) else None
@@ -82,15 +105,24 @@ async def get_task(session: AsyncSession, job_id: str, provider_id: str, attempt
 
 
 async def list_jobs(
-    session: AsyncSession, owner_id: str | None, status: str | None = None, limit: int = 100
+    session: AsyncSession,
+    owner_id: str | None,
+    status: str | None = None,
+    limit: int = 100,
+    array_id: str | None = None,
 ) -> list[Job]:
-    """The owner's jobs, newest first (everyone's for owner_id None)."""
+    """The owner's jobs, newest first (everyone's for owner_id None); one array's jobs
+    in index order."""
     query = select(Job)
     if owner_id is not None:
         query = query.where(Job.owner_id == owner_id)
     if status is not None:
         query = query.where(Job.status == status)
-    query = query.order_by(Job.created_at.desc()).limit(limit)
+    if array_id is not None:
+        query = query.where(Job.array_id == array_id).order_by(Job.array_index)
+    else:
+        query = query.order_by(Job.created_at.desc())
+    query = query.limit(limit)
     return list((await session.scalars(query)).all())
 
 
@@ -108,7 +140,10 @@ async def request_cancel(session: AsyncSession, job_id: str, owner_id: str | Non
         job.waiting_reason = None
         job.finished_at = func.now()
     else:
+        # Ends when its daemon confirms the container stopped (lifecycle asks again
+        # until it does); the GPUs are held until then.
         job.status = states.CANCELLED
+        job.stop_requested_at = func.now()
     await session.flush()
     await session.refresh(job)
     return job

@@ -1,3 +1,4 @@
+import uuid
 from typing import Literal
 
 from fastapi import APIRouter, Depends, Query, Request, status
@@ -11,9 +12,9 @@ from common.messages import TaskCancel
 from gateway import jobs
 from gateway.api import deps
 from gateway.clients import ServiceClient
-from gateway.schemas import OutputOut
+from gateway.schemas import JobArrayOut, JobArrayRequest, OutputOut
 from gateway.security import Principal, require
-from scheduler import job_store, states
+from scheduler import job_store, queue_info, states
 from scheduler.schemas import JobOut, JobSpec
 
 router = APIRouter(tags=["jobs"])
@@ -31,15 +32,35 @@ async def submit_job(
     return await jobs.submit_job(db, js, storage, principal.id, spec)
 
 
+@router.post("/v1/jobs/batch", status_code=status.HTTP_202_ACCEPTED, response_model=JobArrayOut)
+async def submit_job_array(
+    body: JobArrayRequest,
+    principal: Principal = Requester,
+    db: async_sessionmaker = Depends(deps.db),
+    js: JetStreamContext = Depends(deps.js),
+    storage: ServiceClient = Depends(deps.storage),
+) -> JobArrayOut:
+    """A job array: `{"jobs": [spec, ...]}` or `{"template": spec, "count": n}`, up to
+    1,000 jobs, accepted all together or not at all."""
+    return await jobs.submit_array(db, js, storage, principal.id, body)
+
+
 @router.get("/v1/jobs", response_model=list[JobOut])
 async def list_jobs(
     status_filter: Literal[states.ALL] | None = Query(default=None, alias="status"),  # type: ignore[valid-type]
+    array: uuid.UUID | None = Query(default=None, description="one job array, in index order"),
     limit: int = Query(default=100, ge=1, le=1000),
     principal: Principal = Requester,
     db: async_sessionmaker = Depends(deps.db),
 ) -> list[JobOut]:
     async with db() as session:
-        rows = await job_store.list_jobs(session, principal.owner_filter(), status_filter, limit)
+        rows = await job_store.list_jobs(
+            session,
+            principal.owner_filter(),
+            status_filter,
+            limit,
+            array_id=str(array) if array is not None else None,
+        )
     return [job_store.job_out(j) for j in rows]
 
 
@@ -47,8 +68,10 @@ async def list_jobs(
 async def get_job(
     job_id: str, principal: Principal = Requester, db: async_sessionmaker = Depends(deps.db)
 ) -> JobOut:
+    """The job; a queued one says where it stands (`queue`: an estimate)."""
     async with db() as session:
-        return job_store.job_out(await job_store.get_job(session, job_id, principal.owner_filter()))
+        job = await job_store.get_job(session, job_id, principal.owner_filter())
+        return job_store.job_out(job, await queue_info.queue_info(session, job))
 
 
 @router.get("/v1/jobs/{job_id}/events")

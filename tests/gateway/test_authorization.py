@@ -45,6 +45,10 @@ RULES: dict[tuple[str, str], Rule] = {
     ("POST", "/v1/files"): Rule("requester", body={"filename": "f", "size": 1}),
     ("GET", "/v1/files/{file_id}"): Rule("requester", owns="file"),
     ("POST", "/v1/jobs"): Rule("requester", body=JOB_BODY),
+    ("POST", "/v1/jobs/batch"): Rule(
+        "requester",
+        body={"template": {**JOB_BODY, "resources": {"gpu_models": ["no-such-gpu"]}}, "count": 1},
+    ),
     ("GET", "/v1/jobs"): Rule("requester"),
     ("GET", "/v1/jobs/{job_id}"): Rule("requester", owns="job"),
     ("GET", "/v1/jobs/{job_id}/events"): Rule("requester", owns="job"),

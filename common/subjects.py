@@ -13,6 +13,7 @@ PROVIDERS_STREAM = "PROVIDERS"
 JOB_SUBMITTED = "jobs.submitted"
 SCHEDULER_DURABLE = "scheduler"
 SCHEDULER_EVENTS_DURABLE = "scheduler-events"
+SCHEDULER_LOST_DURABLE = "scheduler-provider-lost"
 
 
 def tasks_subject(provider_id: str) -> str:

@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 from typing import Any
 
 import httpx
@@ -63,6 +64,14 @@ def parse_labels(items: list[str]) -> dict[str, str]:
     return labels
 
 
+def memory_mb() -> int | None:
+    """The machine's physical memory, as the kernel reports it."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // (1024 * 1024)
+    except (ValueError, OSError):
+        return None
+
+
 def build_join_request(
     *,
     token: str,
@@ -82,6 +91,8 @@ def build_join_request(
         "driver_version": inventory.driver_version,
         "cuda_version": inventory.cuda_version,
         "labels": labels or {},
+        "cpu_count": os.cpu_count(),
+        "memory_mb": memory_mb(),
         "gpus": [
             {
                 "uuid": g.uuid,

@@ -4,15 +4,16 @@ One offer is one machine's free GPUs of one model. Filters narrow the GPUs and t
 machines; sorting and paging work over the offers.
 """
 
+import re
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import ColumnElement, Integer, Select, and_, cast, func, select
+from sqlalchemy import ColumnElement, Integer, Select, and_, cast, false, func, or_, select
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from common.gpu_models import canonical_model
+from common.gpu_models import model_tokens
 from provider_registry.models import ONLINE, Gpu, Provider
 from provider_registry.schemas import Offer, OfferFilters, OfferPage, OfferSort
 
@@ -59,10 +60,23 @@ def version_at_least(column: Any, version: str) -> ColumnElement[bool]:
     return cast(func.string_to_array(column, "."), ARRAY(Integer)) >= cast(wanted, ARRAY(Integer))
 
 
+def model_filter(column: Any, models: list[str]) -> ColumnElement[bool]:
+    """`column` (a canonical model name) matches one of `models`, as model_matches says:
+    every word of a requested model is a word of the GPU's model, so "H100" finds
+    "H100 80GB HBM3" and "RTX 4090" does not find "RTX 3090"."""
+    alternatives = []
+    for requested in models:
+        tokens = model_tokens(requested)
+        if tokens:
+            words = [rf"(^|[^A-Z0-9]){re.escape(t)}([^A-Z0-9]|$)" for t in tokens]
+            alternatives.append(and_(*(column.op("~")(w) for w in words)))
+    return or_(*alternatives) if alternatives else false()
+
+
 def _gpu_filters(q: OfferQuery) -> list[ColumnElement[bool]]:
     conditions: list[ColumnElement[bool]] = []
     if q.models:
-        conditions.append(Gpu.model.in_([canonical_model(m) for m in q.models]))
+        conditions.append(model_filter(Gpu.model, q.models))
     if q.min_vram_gb is not None:
         conditions.append(Gpu.vram_mb >= int(q.min_vram_gb * 1024))
     if q.max_price is not None:

@@ -41,6 +41,9 @@ class MachineSpec(BaseModel):
     cuda_version: SafeStr | None = Field(default=None, max_length=32, pattern=r"^\d+\.\d+$")
     # Owner-chosen facts a job can require (e.g. "datacenter": "tier3", "nvlink": "yes").
     labels: dict[SafeStr, SafeStr] = Field(default_factory=dict, max_length=32)
+    # The machine's CPUs and memory; each job gets its GPUs' share of them.
+    cpu_count: int | None = Field(default=None, ge=1, le=4096)
+    memory_mb: int | None = Field(default=None, ge=1, le=64 * 1024 * 1024)
     gpus: list[GpuSpec] = Field(min_length=1, max_length=64)
     prices: dict[SafeStr, Price] = Field(default_factory=dict)
 
@@ -105,6 +108,8 @@ class ProviderOut(BaseModel):
     simulated: bool
     driver_version: str | None
     cuda_version: str | None
+    cpu_count: int | None = None
+    memory_mb: int | None = None
     reliability: float
     uptime: float
     last_heartbeat_at: datetime | None

@@ -10,6 +10,7 @@ from sqlalchemy.orm import selectinload
 from common.errors import Conflict, NotFound
 from common.gpu_models import canonical_model
 from provider_registry.models import (
+    CAPACITY_SEQ,
     CREDENTIAL_REVOKED,
     DRAINING,
     LEFT,
@@ -37,6 +38,8 @@ async def register_provider(session: AsyncSession, reg: ProviderRegistration) ->
     provider.simulated = reg.simulated
     provider.driver_version = reg.driver_version
     provider.cuda_version = reg.cuda_version
+    provider.cpu_count = reg.cpu_count
+    provider.memory_mb = reg.memory_mb
     # A joining daemon is alive now; an owner's drain request survives a re-join.
     provider.state = DRAINING if provider.drain_requested else ONLINE
     provider.left_at = None
@@ -60,6 +63,8 @@ async def register_provider(session: AsyncSession, reg: ProviderRegistration) ->
         gpu.pcie_width = spec.pcie_width
         gpu.price_per_hour = prices.get(gpu.model, DEFAULT_PRICE)
         gpu.simulated = reg.simulated
+    # A GPU gone from the report changes no remaining row: say so to the schedulers.
+    provider.capacity_seq = CAPACITY_SEQ.next_value()
     await session.flush()
     return provider
 
@@ -76,6 +81,8 @@ def provider_out(p: Provider) -> ProviderOut:
         simulated=p.simulated,
         driver_version=p.driver_version,
         cuda_version=p.cuda_version,
+        cpu_count=p.cpu_count,
+        memory_mb=p.memory_mb,
         reliability=p.reliability,
         uptime=p.uptime,
         last_heartbeat_at=p.last_heartbeat_at,

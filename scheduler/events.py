@@ -2,7 +2,9 @@
 
 An event counts only for the job's current attempt on the provider it was sent to; a
 redelivered or stale event changes nothing. Whatever the job's state, a finished
-event frees the attempt's GPUs (a cancelled job keeps them until its container stops).
+event frees the attempt's GPUs: a job the platform asked to stop (cancelled, or past its
+time limit) keeps them until its daemon says the container stopped, and no late event
+brings such a job back.
 """
 
 import logging
@@ -16,6 +18,7 @@ from common.messages import JobEvent
 from provider_registry import capacity, reliability
 from scheduler import states
 from scheduler.models import Job, JobOutput
+from scheduler.retries import RetryPolicy, requeue_or_fail
 
 log = logging.getLogger(__name__)
 
@@ -39,25 +42,32 @@ def _outcome_status(event: JobEvent) -> str:
     return states.FAILED
 
 
-async def apply_event(session: AsyncSession, event: JobEvent) -> Effect:
+async def apply_event(
+    session: AsyncSession, event: JobEvent, policy: RetryPolicy = RetryPolicy()
+) -> Effect:
     effect = Effect()
     job = await session.get(Job, event.job_id, with_for_update=True)
     if job is None or job.attempt != event.attempt or job.provider_id != event.provider_id:
         log.info("stale event ignored", extra={"job_id": event.job_id, "type": event.type})
         return effect
 
-    if event.type == "started" and job.status == states.ASSIGNED:
+    if event.type == "accepted" and job.accepted_at is None:
+        job.accepted_at = event.at
+    elif event.type == "started" and job.status == states.ASSIGNED:
         job.status = states.RUNNING
+        job.accepted_at = job.accepted_at or event.at
         job.started_at = event.at
         effect.new_status = job.status
     elif event.type in ("finished", "rejected"):
         effect.gpus_freed = await capacity.release(session, job.id) > 0
         if job.finished_at is None or job.status in states.ACTIVE:
-            await _finish(session, job, event, effect)
+            await _finish(session, job, event, effect, policy)
     return effect
 
 
-async def _finish(session: AsyncSession, job: Job, event: JobEvent, effect: Effect) -> None:
+async def _finish(
+    session: AsyncSession, job: Job, event: JobEvent, effect: Effect, policy: RetryPolicy
+) -> None:
     job.exit_code = event.exit_code
     job.log_tail = event.log_tail
     if event.outputs:
@@ -77,23 +87,30 @@ async def _finish(session: AsyncSession, job: Job, event: JobEvent, effect: Effe
             )
             .on_conflict_do_nothing()
         )
-    if job.status == states.CANCELLED:
+    if job.status not in states.ACTIVE:
+        # The platform already ended it (cancel, time limit): the container has stopped.
         job.finished_at = event.at
         return
     infrastructure = event.type == "rejected" or event.outcome == "infrastructure"
     # Once per attempt: a replayed event is stale by now (attempt moved on or job ended).
     await reliability.record_task_outcome(session, event.provider_id, infrastructure)
-    if infrastructure and job.attempt < job.retries:
-        # Not the user's fault: run it again elsewhere.
-        job.avoid_providers = [*job.avoid_providers, event.provider_id]
-        job.status = states.QUEUED
-        job.attempt += 1
-        job.provider_id = None
-        job.gpu_uuids = []
-        job.started_at = None
-        job.exit_code = None
-        job.waiting_reason = f"retrying after an infrastructure fault: {event.reason}"
-        effect.requeued = True
+    retry_reason = None
+    if infrastructure:
+        retry_reason = f"infrastructure fault: {event.reason}"
+    elif event.outcome == "exited" and event.exit_code in (job.retry_on_exit_codes or []):
+        retry_reason = f"exit code {event.exit_code} is in retry_on_exit_codes"
+    if retry_reason is not None and job.attempt < job.retries:
+        # Not the user's fault (or the user asked): run it again, elsewhere if the
+        # machine was at fault.
+        effect.requeued = await requeue_or_fail(
+            session,
+            job,
+            retry_reason,
+            policy,
+            avoid_provider=infrastructure,
+            failure_reason=retry_reason,
+        )
+        job.log_tail = None
     else:
         job.status = _outcome_status(event)
         job.finished_at = event.at if job.started_at else func.now()

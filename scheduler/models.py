@@ -85,9 +85,7 @@ class Job(Base):
     priority: Mapped[int] = mapped_column(Integer, default=0)
     retries: Mapped[int] = mapped_column(Integer, default=2)
     # A non-zero exit is the user's failure; these codes ask for a retry anyway.
-    retry_on_exit_codes: Mapped[list[int]] = mapped_column(
-        JSONB, default=list, server_default="[]"
-    )
+    retry_on_exit_codes: Mapped[list[int]] = mapped_column(JSONB, default=list, server_default="[]")
     # Job arrays: one batch submission, each job knowing its place in it.
     array_id: Mapped[str | None] = mapped_column(String(36))
     array_index: Mapped[int | None] = mapped_column(Integer)

@@ -1,44 +1,57 @@
-"""Placement: match a queued job to free GPUs and reserve them, atomically.
+"""Placement: match queued jobs to free GPUs and reserve them, atomically.
 
-Shape of dstack's pipelines: lock the job row with SKIP LOCKED (another replica that
-holds it is placing it), reserve GPUs through the registry's capacity module in the
-same transaction, commit, then publish the task outside the transaction.
+Optimistic, as Nomad's schedulers do it: each pass decides against an in-memory view of
+the fleet (fleet_index, refreshed from the rows changed since the last pass), then
+commits each decision in Postgres, where the GPU rows are locked with SKIP LOCKED and
+re-checked. Postgres is the referee: a replica whose view was stale loses the race for
+those GPUs, reloads that machine and decides again; no GPU is ever reserved twice.
+
+Jobs are taken in fair-share order (queue_order) and locked with SKIP LOCKED, so several
+replicas split the queue between them instead of waiting on each other. The tasks are
+published after the commit; a task that could not be published goes back to the queue,
+and one lost after publishing is caught by the accept deadline (lifecycle).
 """
 
+import logging
 from dataclasses import dataclass
-from decimal import Decimal
+from datetime import UTC, datetime
 
-from sqlalchemy import func, select
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy import Row, func, select, update
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from common.gpu_models import canonical_model
 from common.messages import TaskAssignment, TaskInput
+from common.types import version_number
 from provider_registry import capacity
-from scheduler import states
+from scheduler import queue_order, states
+from scheduler.fleet_index import Demand, FleetIndex
+from scheduler.fleet_sync import FleetSync
 from scheduler.models import Job
 
+log = logging.getLogger(__name__)
+
 WAITING_FOR_CAPACITY = "waiting for free GPUs that match"
+# A decision that lost its race is retried on a fresh view of that machine this often.
+RACE_RETRIES = 3
 
 
-def gpu_request(job: Job, allow_simulated: bool) -> capacity.GpuRequest:
-    return capacity.GpuRequest(
+def demand_of(job: Job | Row, allow_simulated: bool) -> Demand:
+    return Demand(
         count=job.gpus,
-        models=job.gpu_models,
+        models=tuple(canonical_model(m) for m in job.gpu_models or ()),
         min_vram_mb=int(job.min_vram_gb * 1024) if job.min_vram_gb else None,
-        max_price_per_hour=Decimal(job.max_price_per_gpu_hour)
+        min_compute_capability=version_number(job.min_compute_capability),
+        min_cuda_version=version_number(job.min_cuda_version),
+        max_price_per_hour=float(job.max_price_per_gpu_hour)
         if job.max_price_per_gpu_hour is not None
         else None,
+        region=job.region,
+        labels=tuple(sorted((job.labels or {}).items())),
+        cpus=job.cpus,
+        memory_mb=int(job.memory_gb * 1024) if job.memory_gb else None,
         allow_simulated=allow_simulated,
+        avoid=frozenset(job.avoid_providers or ()),
     )
-
-
-async def queued_job_ids(session: AsyncSession, limit: int) -> list[str]:
-    query = (
-        select(Job.id)
-        .where(Job.status == states.QUEUED)
-        .order_by(Job.priority.desc(), Job.created_at)
-        .limit(limit)
-    )
-    return list((await session.scalars(query)).all())
 
 
 @dataclass(frozen=True)
@@ -47,70 +60,144 @@ class Placement:
     task: TaskAssignment
 
 
-# Why a request shape found no GPUs in this placement pass, by shape.
-Misses = dict[tuple, str]
+@dataclass
+class PassResult:
+    placements: list[Placement]
+    # Ready jobs looked at that found no GPUs (their waiting_reason says why).
+    waiting: int = 0
+    # Decisions that lost the race for their GPUs to another replica.
+    races_lost: int = 0
 
 
-def _shape(request: capacity.GpuRequest, avoid: list[str]) -> tuple:
-    return (
-        request.count,
-        tuple(request.models or ()),
-        request.min_vram_mb,
-        request.max_price_per_hour,
-        request.allow_simulated,
-        tuple(sorted(avoid)),
-    )
-
-
-async def place_job(
-    session: AsyncSession, job_id: str, allow_simulated: bool, misses: Misses | None = None
-) -> Placement | None:
-    """Reserves GPUs for a queued job and marks it assigned; None if it must wait.
-
-    `misses` carries what failed earlier in the same pass: capacity only shrinks during
-    a pass, so a job shaped like one that found nothing waits without asking again.
-    """
-    job = await session.scalar(
-        select(Job)
-        .where(Job.id == job_id, Job.status == states.QUEUED)
-        .with_for_update(skip_locked=True)
-    )
-    if job is None:
-        return None  # placed, cancelled, or being placed by another replica
-    request = gpu_request(job, allow_simulated)
-    shape = _shape(request, job.avoid_providers)
-    known_miss = misses.get(shape) if misses is not None else None
-    reservation = None
-    if known_miss is None:
-        reservation = await capacity.reserve(session, job.id, request, avoid=job.avoid_providers)
-    if reservation is None:
-        reason = known_miss or (
-            await capacity.why_unplaceable(session, request, job.avoid_providers)
-            or WAITING_FOR_CAPACITY
-        )
-        if misses is not None:
-            misses[shape] = reason
-        if job.waiting_reason != reason:
-            job.waiting_reason = reason
-        return None
-    job.status = states.ASSIGNED
-    job.waiting_reason = None
-    job.provider_id = reservation.provider_id
-    job.gpu_uuids = reservation.gpu_uuids
-    job.price_per_gpu_hour = reservation.price_per_gpu_hour
-    job.assigned_at = func.now()
-    await session.flush()
-    task = TaskAssignment(
+def task_for(job: Job, reservation: capacity.Reservation) -> TaskAssignment:
+    env = dict(job.env)
+    if job.array_id is not None:
+        # Like Slurm's SLURM_ARRAY_TASK_ID: each job of an array knows its place in it.
+        env["GPUMARKET_ARRAY_ID"] = job.array_id
+        env["GPUMARKET_ARRAY_INDEX"] = str(job.array_index)
+    return TaskAssignment(
         job_id=job.id,
         attempt=job.attempt,
         image=job.image,
         command=job.command,
-        env=job.env,
+        env=env,
         gpu_uuids=reservation.gpu_uuids,
         inputs=[TaskInput(**i) for i in job.inputs],
         max_duration_s=job.max_duration_s,
     )
-    return Placement(provider_id=reservation.provider_id, task=task)
+
+
+class Placer:
+    def __init__(
+        self,
+        sessionmaker: async_sessionmaker,
+        index: FleetIndex,
+        *,
+        allow_simulated: bool,
+        batch: int,
+        scan: int,
+    ) -> None:
+        self.sessionmaker = sessionmaker
+        self.index = index
+        self.sync = FleetSync(index)
+        self.allow_simulated = allow_simulated
+        self.batch = batch
+        self.scan = scan
+
+    async def resync(self) -> int:
+        """Reloads the whole fleet: at start, and now and then as a backstop."""
+        async with self.sessionmaker() as session:
+            return await self.sync.full(session)
+
+    async def run_pass(self) -> PassResult:
+        now = datetime.now(UTC)
+        async with self.sessionmaker() as session:
+            await self.sync.refresh(session)
+            rows = await queue_order.next_jobs(session, now, self.scan)
+        fits: list[Row] = []
+        reasons: dict[str, str] = {}
+        known: dict[Demand, str | None] = {}
+        for row in rows:
+            demand = demand_of(row, self.allow_simulated)
+            if demand not in known:
+                # Whether it fits now; the commit below decides for real.
+                known[demand] = (
+                    None
+                    if self.index.choose(demand) is not None
+                    else (self.index.why_unplaceable(demand) or WAITING_FOR_CAPACITY)
+                )
+            reason = known[demand]
+            if reason is None and len(fits) < self.batch:
+                fits.append(row)
+            elif reason is not None and row.waiting_reason != reason:
+                reasons[row.id] = reason
+        result = PassResult(placements=[], waiting=len(rows) - len(fits))
+        if fits:
+            async with self.sessionmaker.begin() as session:
+                await self._reserve(session, [r.id for r in fits], result)
+        if reasons:
+            async with self.sessionmaker.begin() as session:
+                await _set_waiting_reasons(session, reasons)
+        return result
+
+    async def _reserve(self, session: AsyncSession, job_ids: list[str], result: PassResult) -> None:
+        # Ours are the ones no other replica holds; taken in the fair order.
+        order = {job_id: i for i, job_id in enumerate(job_ids)}
+        jobs = (
+            await session.scalars(
+                select(Job)
+                .where(Job.id.in_(job_ids), Job.status == states.QUEUED)
+                .with_for_update(skip_locked=True)
+            )
+        ).all()
+        for job in sorted(jobs, key=lambda j: order[j.id]):
+            reservation = await self._reserve_one(session, job, result)
+            if reservation is None:
+                # Earlier jobs of this pass took what it would have fitted.
+                if job.waiting_reason != WAITING_FOR_CAPACITY:
+                    job.waiting_reason = WAITING_FOR_CAPACITY
+                continue
+            job.status = states.ASSIGNED
+            job.waiting_reason = None
+            job.not_before = None
+            job.provider_id = reservation.provider_id
+            job.gpu_uuids = reservation.gpu_uuids
+            job.price_per_gpu_hour = reservation.price_per_gpu_hour
+            job.assigned_at = func.now()
+            result.placements.append(
+                Placement(provider_id=reservation.provider_id, task=task_for(job, reservation))
+            )
+
+    async def _reserve_one(
+        self, session: AsyncSession, job: Job, result: PassResult
+    ) -> capacity.Reservation | None:
+        demand = demand_of(job, self.allow_simulated)
+        for _ in range(RACE_RETRIES):
+            choice = self.index.choose(demand)
+            if choice is None:
+                return None
+            reservation = await capacity.reserve_in_pool(
+                session,
+                job.id,
+                choice.provider_id,
+                choice.model,
+                demand.count,
+                job.max_price_per_gpu_hour,
+            )
+            if reservation is not None:
+                self.index.take(choice.provider_id, reservation.gpu_uuids)
+                return reservation
+            # Another replica (or the registry) changed that machine since we looked.
+            result.races_lost += 1
+            await self.sync.reload(session, [choice.provider_id])
+        return None
+
+
+async def _set_waiting_reasons(session: AsyncSession, reasons: dict[str, str]) -> None:
+    await session.execute(
+        update(Job).where(Job.status == states.QUEUED).execution_options(synchronize_session=None),
+        [{"id": job_id, "waiting_reason": reason} for job_id, reason in sorted(reasons.items())],
+    )
 
 
 async def unassign(session: AsyncSession, job_id: str, attempt: int, reason: str) -> None:
@@ -122,4 +209,6 @@ async def unassign(session: AsyncSession, job_id: str, attempt: int, reason: str
     job.status = states.QUEUED
     job.provider_id = None
     job.gpu_uuids = []
+    job.price_per_gpu_hour = None
+    job.assigned_at = None
     job.waiting_reason = reason

@@ -6,14 +6,29 @@ class SchedulerSettings(ServiceSettings):
     http_port: int = 8004
     # A placement pass runs at least this often, and at once on a new job or freed GPUs.
     placement_interval_s: float = 2.0
+    # Jobs reserved per pass (one transaction), and queued jobs looked at to find them.
     placement_batch: int = 200
+    placement_scan: int = 1000
+    # The in-memory fleet view is refreshed from changed rows every pass; a full reload
+    # this often is the backstop.
+    fleet_resync_interval_s: float = 60.0
+    # Deadlines: a task its daemon has not accepted, a run past max_duration_s (the
+    # daemon enforces it; this is the platform's own clock), a stop nobody confirmed.
+    lifecycle_interval_s: float = 5.0
+    accept_timeout_s: float = 30.0
+    overdue_grace_s: float = 30.0
+    stop_resend_s: float = 30.0
+    # Backoff before attempt n (n >= 1): retry_backoff_s x 2^(n-1), at most the max.
+    retry_backoff_s: float = 2.0
+    retry_backoff_max_s: float = 60.0
     # Scoring among matching machines, as an effective price in $/GPU-hour (lower wins):
     # price_weight x price + reliability_weight x (1 - reliability)
     #   + packing_weight x (share of the machine left free after placing).
-    # The defaults rank by price first, then reliability, then packing.
+    # The defaults rank by price first (a cent per GPU-hour outweighs any reliability
+    # gap), then reliability (0.01 apart outweighs packing), then packing.
     score_price_weight: float = 1.0
-    score_reliability_weight: float = 0.5
-    score_packing_weight: float = 0.05
+    score_reliability_weight: float = 0.01
+    score_packing_weight: float = 0.0001
     # Simulated GPUs serve only dev-mode platforms; real jobs never land on them otherwise.
     allow_simulated: bool | None = None
 

@@ -11,12 +11,12 @@ import logging
 import signal
 import time
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 
 import nats
 import uvicorn
 from fastapi import FastAPI
 from nats.aio.client import Client as NATS
-from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from prometheus_client import Counter, Gauge, Histogram
 from pydantic import ValidationError
@@ -29,21 +29,33 @@ from common.db import check_database, make_engine, make_sessionmaker
 from common.embedded_server import EmbeddedServer
 from common.http import install_common
 from common.logging import configure_logging
-from common.messages import JobEvent
+from common.messages import JobEvent, ProviderLost, TaskCancel
 from common.service_app import register_in_consul
 from common.streams import ensure_streams
-from scheduler import placement, states
+from scheduler import lifecycle, placement, states
 from scheduler.events import apply_event
+from scheduler.fleet_index import FleetIndex, Weights
 from scheduler.models import Job
+from scheduler.retries import RetryPolicy, Stopped
 from scheduler.settings import SchedulerSettings
 
 log = logging.getLogger("scheduler")
 
 PLACEMENTS = Counter("scheduler_placements_total", "Jobs assigned to a provider")
 PASS_SECONDS = Histogram("scheduler_placement_pass_seconds", "Duration of a placement pass")
-QUEUE_DEPTH = Gauge("scheduler_queue_depth", "Jobs queued at the last placement pass")
+QUEUE_DEPTH = Gauge("scheduler_queue_depth", "Jobs queued, at the last lifecycle sweep")
+FLEET_MACHINES = Gauge("scheduler_fleet_machines", "Machines in this replica's fleet view")
+RACES = Counter(
+    "scheduler_reservation_races_total", "Decisions that lost their GPUs to another replica"
+)
 EVENTS = Counter("scheduler_events_total", "Job events applied", ["type"])
 TRANSITIONS = Counter("scheduler_job_transitions_total", "Job state changes", ["status"])
+TAKEN_BACK = Counter(
+    "scheduler_attempts_taken_back_total",
+    "Attempts taken back from their provider",
+    ["reason"],
+)
+PROVIDER_LOSSES = Counter("scheduler_provider_losses_total", "provider.lost events handled")
 
 
 class Scheduler:
@@ -59,36 +71,52 @@ class Scheduler:
         self.js = js
         self.sessionmaker = sessionmaker
         self.wake = asyncio.Event()
+        self.policy = RetryPolicy(settings.retry_backoff_s, settings.retry_backoff_max_s)
+        weights = Weights(
+            price=settings.score_price_weight,
+            reliability=settings.score_reliability_weight,
+            packing=settings.score_packing_weight,
+        )
+        self.placer = placement.Placer(
+            sessionmaker,
+            FleetIndex(weights),
+            allow_simulated=settings.simulated_allowed,
+            batch=settings.placement_batch,
+            scan=settings.placement_scan,
+        )
 
     async def placement_loop(self, stop: asyncio.Event) -> None:
+        resynced_at = 0.0
         while not stop.is_set():
-            await wait_event(self.wake, self.settings.placement_interval_s)
-            self.wake.clear()
+            if time.monotonic() - resynced_at > self.settings.fleet_resync_interval_s:
+                try:
+                    FLEET_MACHINES.set(await self.placer.resync())
+                    resynced_at = time.monotonic()
+                except Exception:
+                    log.exception("fleet reload failed; retrying")
+                    await asyncio.sleep(1)
+                    continue
             try:
-                await self.placement_pass()
+                full = await self.placement_pass()
             except Exception:
                 log.exception("placement pass failed; retrying")
                 await asyncio.sleep(1)
+                continue
+            if not full:
+                # Nothing more to place now: sleep until a job, freed GPUs or the timer.
+                await wait_event(self.wake, self.settings.placement_interval_s)
+                self.wake.clear()
 
-    async def placement_pass(self) -> None:
+    async def placement_pass(self) -> bool:
+        """One pass; True when it filled its batch (more may be waiting right now)."""
         started = time.perf_counter()
-        async with self.sessionmaker() as session:
-            job_ids = await placement.queued_job_ids(session, self.settings.placement_batch)
-            QUEUE_DEPTH.set(
-                await session.scalar(
-                    select(func.count()).select_from(Job).where(Job.status == states.QUEUED)
-                )
-                or 0
-            )
-        misses: placement.Misses = {}
-        for job_id in job_ids:
-            async with self.sessionmaker.begin() as session:
-                placed = await placement.place_job(
-                    session, job_id, self.settings.simulated_allowed, misses
-                )
-            if placed is not None:
-                await self._dispatch(placed)
+        result = await self.placer.run_pass()
+        RACES.inc(result.races_lost)
+        FLEET_MACHINES.set(len(self.placer.index))
+        if result.placements:
+            await asyncio.gather(*(self._dispatch(p) for p in result.placements))
         PASS_SECONDS.observe(time.perf_counter() - started)
+        return len(result.placements) >= self.settings.placement_batch
 
     async def _dispatch(self, placed: placement.Placement) -> None:
         task, provider_id = placed.task, placed.provider_id
@@ -133,8 +161,10 @@ class Scheduler:
             log.warning("invalid job event dropped")
             return
         async with self.sessionmaker.begin() as session:
-            effect = await apply_event(session, event)
+            effect = await apply_event(session, event, self.policy)
         EVENTS.labels(event.type).inc()
+        if effect.requeued:
+            TAKEN_BACK.labels("task failed").inc()
         if effect.new_status:
             TRANSITIONS.labels(effect.new_status).inc()
             log.info(
@@ -144,6 +174,72 @@ class Scheduler:
             )
         if effect.gpus_freed or effect.requeued:
             self.wake.set()
+
+    async def on_provider_lost(self, data: bytes) -> None:
+        try:
+            lost = ProviderLost.model_validate_json(data)
+        except ValidationError:
+            log.warning("invalid provider.lost message dropped")
+            return
+        async with self.sessionmaker.begin() as session:
+            stopped = await lifecycle.on_provider_lost(session, lost, self.policy)
+        PROVIDER_LOSSES.inc()
+        TAKEN_BACK.labels("provider lost").inc(len(stopped))
+        log.warning(
+            "provider lost",
+            extra={"provider_id": lost.provider_id, "jobs": [s.job_id for s in stopped]},
+        )
+        await self._stop_at_providers(stopped, "lost")
+        if stopped:
+            self.wake.set()
+
+    async def lifecycle_loop(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            await wait_event(stop, self.settings.lifecycle_interval_s)
+            try:
+                await self.lifecycle_sweep()
+            except Exception:
+                log.exception("lifecycle sweep failed; retrying")
+
+    async def lifecycle_sweep(self) -> None:
+        settings = self.settings
+        now = datetime.now(UTC)
+        async with self.sessionmaker.begin() as session:
+            unaccepted = await lifecycle.expire_unaccepted(
+                session, now, settings.accept_timeout_s, self.policy
+            )
+        async with self.sessionmaker.begin() as session:
+            overdue = await lifecycle.expire_overdue(session, now, settings.overdue_grace_s)
+        async with self.sessionmaker() as session:
+            unconfirmed = await lifecycle.unconfirmed_stops(session, now, settings.stop_resend_s)
+            QUEUE_DEPTH.set(
+                await session.scalar(
+                    select(func.count()).select_from(Job).where(Job.status == states.QUEUED)
+                )
+                or 0
+            )
+        TAKEN_BACK.labels("not accepted").inc(len(unaccepted))
+        TRANSITIONS.labels(states.TIMED_OUT).inc(len(overdue))
+        await self._stop_at_providers(unaccepted, "unaccepted")
+        await self._stop_at_providers(overdue, "overdue")
+        # Asked again now and then; the bucket lets replicas' copies de-duplicate.
+        bucket = int(now.timestamp() // settings.stop_resend_s)
+        await self._stop_at_providers(unconfirmed, f"resend-{bucket}")
+        if unaccepted:
+            self.wake.set()
+
+    async def _stop_at_providers(self, stopped: list[Stopped], why: str) -> None:
+        for s in stopped:
+            cancel = TaskCancel(job_id=s.job_id, attempt=s.attempt)
+            try:
+                await self.js.publish(
+                    subjects.tasks_subject(s.provider_id),
+                    cancel.model_dump_json().encode(),
+                    headers={"Nats-Msg-Id": subjects.msg_id(s.job_id, s.attempt, f"stop-{why}")},
+                )
+            except Exception as exc:
+                # The unconfirmed-stop sweep asks again.
+                log.warning("stop request not sent", extra={"job_id": s.job_id, "error": str(exc)})
 
 
 async def consume(
@@ -160,7 +256,7 @@ async def consume(
         while not stop.is_set():
             try:
                 msgs = await sub.fetch(batch=64, timeout=1)
-            except NatsTimeoutError:
+            except TimeoutError:  # nats.errors.TimeoutError or asyncio.TimeoutError
                 continue
             except Exception as exc:
                 log.warning("fetch failed; retrying", extra={"durable": durable, "error": str(exc)})
@@ -248,7 +344,18 @@ async def run(settings: SchedulerSettings) -> None:
                     stop,
                 )
             )
+            tg.create_task(
+                consume(
+                    js,
+                    subjects.PROVIDER_LOST_WILDCARD,
+                    subjects.SCHEDULER_LOST_DURABLE,
+                    subjects.PROVIDERS_STREAM,
+                    scheduler.on_provider_lost,
+                    stop,
+                )
+            )
             tg.create_task(scheduler.placement_loop(stop))
+            tg.create_task(scheduler.lifecycle_loop(stop))
             tg.create_task(server.serve())
             await stop.wait()
             server.should_exit = True

@@ -464,7 +464,7 @@ class TestFrontDoor:
             "image": "x",
             "command": ["true"],
             "max_duration_s": 5,
-            "env": {"A": "x" * 2_000_000},
+            "env": {"A": "x" * 9_000_000},
         }
         with pytest.raises(ApiError) as err:
             requester.submit(big)

@@ -25,13 +25,13 @@ from gpumarket.localstack.nats import NatsServer, start_nats
 from gpumarket.localstack.process import free_port
 from provider_daemon.config import ProviderConfig, save_config
 from provider_daemon.gpus import SimulatedGpus
-from provider_registry import capacity, service
-from provider_registry.capacity import GpuRequest
+from provider_registry import service
 from provider_registry.heartbeats import HeartbeatIngest
 from provider_registry.models import OFFLINE, ONLINE, Provider, ProviderOutage
 from provider_registry.schemas import ProviderRegistration
 from provider_registry.settings import RegistrySettings
 from tests.provider_daemon.conftest import FakeGateway, StartDaemon, until
+from tests.provider_registry.factories import reserve_any
 
 TTL_S = 3.0
 
@@ -177,7 +177,7 @@ async def test_killed_daemon_goes_offline_after_the_ttl_and_provider_lost_names_
 
         await wait_for(beating, 60, "heartbeats")
         async with registry.db.begin() as session:
-            held = await capacity.reserve(session, "job-held", GpuRequest(1, allow_simulated=True))
+            held = await reserve_any(session, "job-held")
         assert held is not None and held.provider_id == provider_id
 
         daemon.send_signal(signal.SIGKILL)

@@ -2,8 +2,11 @@ import uuid
 from datetime import UTC, datetime
 from decimal import Decimal
 
+from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from provider_registry import capacity
+from provider_registry.capacity import Reservation
 from provider_registry.models import ONLINE, Gpu, Provider
 
 
@@ -21,6 +24,8 @@ async def create_provider(
     cuda_version: str | None = "12.4",
     reliability: float = 1.0,
     pcie: tuple[int, int] | None = (4, 16),
+    cpu_count: int | None = 16,
+    memory_mb: int | None = 65536,
 ) -> Provider:
     provider_id = str(uuid.uuid4())
     provider = Provider(
@@ -34,6 +39,8 @@ async def create_provider(
         labels=labels or {},
         cuda_version=cuda_version,
         reliability=reliability,
+        cpu_count=cpu_count,
+        memory_mb=memory_mb,
         last_heartbeat_at=datetime.now(UTC),
         gpus=[
             Gpu(
@@ -53,3 +60,22 @@ async def create_provider(
     session.add(provider)
     await session.flush()
     return provider
+
+
+async def reserve_any(
+    session: AsyncSession, job_id: str, count: int = 1, model: str | None = None
+) -> Reservation | None:
+    """Reserves `count` GPUs on the cheapest machine where the database allows it: what
+    the scheduler's choice comes down to, without its in-memory view."""
+    pools = select(Gpu.provider_id, Gpu.model).group_by(Gpu.provider_id, Gpu.model)
+    if model is not None:
+        pools = pools.where(Gpu.model == model)
+    for provider_id, pool_model in (
+        await session.execute(pools.order_by(func.max(Gpu.price_per_hour), Gpu.provider_id))
+    ).all():
+        reservation = await capacity.reserve_in_pool(
+            session, job_id, provider_id, pool_model, count
+        )
+        if reservation is not None:
+            return reservation
+    return None

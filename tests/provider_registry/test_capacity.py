@@ -4,87 +4,84 @@ import asyncio
 import uuid
 from decimal import Decimal
 
+from sqlalchemy import update
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from provider_registry import capacity, offers, service
-from provider_registry.capacity import GpuRequest
-from provider_registry.models import OFFLINE
+from provider_registry.models import OFFLINE, Gpu, Provider
 from provider_registry.offers import OfferQuery
-from tests.provider_registry.factories import create_provider
+from tests.provider_registry.factories import create_provider, reserve_any
 
 
-async def reserve(db: async_sessionmaker, request: GpuRequest, job_id: str | None = None):  # type: ignore[no-untyped-def]
+async def reserve(
+    db: async_sessionmaker, count: int = 1, model: str | None = None, job_id: str | None = None
+):  # type: ignore[no-untyped-def]
     async with db.begin() as session:
-        return await capacity.reserve(session, job_id or str(uuid.uuid4()), request)
+        return await reserve_any(session, job_id or str(uuid.uuid4()), count, model)
 
 
-class TestReserve:
-    async def test_cheapest_machine_with_room_wins(self, db: async_sessionmaker) -> None:
-        async with db.begin() as session:
-            cheap_small = await create_provider(session, gpus=2, price="1.00")
-            dear_big = await create_provider(session, gpus=4, price="2.00")
-        one = await reserve(db, GpuRequest(count=1))
-        assert one.provider_id == cheap_small.id
-        three = await reserve(db, GpuRequest(count=3))
-        assert three.provider_id == dear_big.id
-        assert len(set(three.gpu_uuids)) == 3
-        assert three.price_per_gpu_hour == Decimal("2.00")
-
-    async def test_constraints_are_honoured(self, db: async_sessionmaker) -> None:
-        async with db.begin() as session:
-            await create_provider(session, model="T4", vram_mb=16384, price="0.2")
-            await create_provider(session, model="A100", vram_mb=81920, price="3.0")
-            await create_provider(session, model="H100", vram_mb=81920, state=OFFLINE)
-            await create_provider(session, model="L4", simulated=True)
-        assert (await reserve(db, GpuRequest(count=1, min_vram_mb=40000))).gpu_uuids
-        assert await reserve(db, GpuRequest(count=1, models=["h100"])) is None
-        assert (
-            await reserve(db, GpuRequest(count=1, models=["A100"], max_price_per_hour=Decimal("1")))
-            is None
+async def reserve_on(db: async_sessionmaker, machine: Provider, count: int = 1, **kw):  # type: ignore[no-untyped-def]
+    async with db.begin() as session:
+        return await capacity.reserve_in_pool(
+            session, str(uuid.uuid4()), machine.id, machine.gpus[0].model, count, **kw
         )
-        assert await reserve(db, GpuRequest(count=1, models=["L4"])) is None
-        assert await reserve(db, GpuRequest(count=1, models=["L4"], allow_simulated=True))
+
+
+class TestReserveInPool:
+    async def test_reserves_exact_gpus_in_index_order(self, db: async_sessionmaker) -> None:
+        async with db.begin() as session:
+            machine = await create_provider(session, gpus=4, price="2.00")
+        two = await reserve_on(db, machine, 2)
+        assert two.provider_id == machine.id
+        assert two.gpu_uuids == [machine.gpus[0].uuid, machine.gpus[1].uuid]
+        assert two.price_per_gpu_hour == Decimal("2.00")
+        assert (await reserve_on(db, machine, 2)).gpu_uuids == [
+            machine.gpus[2].uuid,
+            machine.gpus[3].uuid,
+        ]
+        assert await reserve_on(db, machine, 1) is None
+
+    async def test_a_partial_fit_holds_nothing(self, db: async_sessionmaker) -> None:
+        async with db.begin() as session:
+            machine = await create_provider(session, gpus=2)
+        assert await reserve_on(db, machine, 3) is None
+        assert await reserve_on(db, machine, 2) is not None
+
+    async def test_the_truth_overrides_a_stale_choice(self, db: async_sessionmaker) -> None:
+        async with db.begin() as session:
+            offline = await create_provider(session, gpus=1, state=OFFLINE)
+            dear = await create_provider(session, gpus=1, price="3.00")
+            sick = await create_provider(session, gpus=1)
+            await session.execute(
+                update(Gpu).where(Gpu.provider_id == sick.id).values(healthy=False)
+            )
+        assert await reserve_on(db, offline) is None
+        assert await reserve_on(db, sick) is None
+        assert await reserve_on(db, dear, max_price_per_hour=Decimal("2.99")) is None
+        assert await reserve_on(db, dear, max_price_per_hour=Decimal("3.00")) is not None
 
     async def test_concurrent_reservations_never_share_a_gpu(self, db: async_sessionmaker) -> None:
         async with db.begin() as session:
-            for _ in range(4):
-                await create_provider(session, gpus=2)
-        results = await asyncio.gather(*[reserve(db, GpuRequest(count=1)) for _ in range(20)])
+            machine = await create_provider(session, gpus=8)
+        results = await asyncio.gather(*[reserve_on(db, machine) for _ in range(20)])
         won = [r for r in results if r is not None]
-        assert len(won) == 8
         uuids = [u for r in won for u in r.gpu_uuids]
-        assert len(uuids) == len(set(uuids)) == 8
-        assert await reserve(db, GpuRequest(count=1)) is None
+        assert len(uuids) == len(set(uuids))
+        # SKIP LOCKED: a racer that finds GPUs locked takes others or none, never waits;
+        # what one pass misses the next one gets, and never more than the machine has.
+        rest = [await reserve_on(db, machine) for _ in range(8)]
+        assert len(won) + sum(r is not None for r in rest) == 8
 
     async def test_release_frees_and_is_idempotent(self, db: async_sessionmaker) -> None:
         async with db.begin() as session:
             await create_provider(session, gpus=1)
         job_id = str(uuid.uuid4())
-        assert await reserve(db, GpuRequest(count=1), job_id)
-        assert await reserve(db, GpuRequest(count=1)) is None
+        assert await reserve(db, job_id=job_id)
+        assert await reserve(db) is None
         async with db.begin() as session:
             assert await capacity.release(session, job_id) == 1
             assert await capacity.release(session, job_id) == 0
-        assert await reserve(db, GpuRequest(count=1))
-
-
-class TestWhyUnplaceable:
-    async def test_reasons_name_the_missing_thing(self, db: async_sessionmaker) -> None:
-        async with db.begin() as session:
-            assert "any GPU" in await capacity.why_unplaceable(session, GpuRequest(count=1))
-            await create_provider(session, gpus=2, model="RTX 4090", price="0.5")
-
-            async def why(**kw) -> str | None:  # type: ignore[no-untyped-def]
-                return await capacity.why_unplaceable(session, GpuRequest(**kw))
-
-            assert await why(count=2) is None
-            assert "model H100" in await why(count=1, models=["H100"])
-            assert "48 GiB" in await why(count=1, min_vram_mb=48 * 1024)
-            assert "0.1" in await why(count=1, max_price_per_hour=Decimal("0.1"))
-            assert "3 such GPUs" in await why(count=3)
-            # Busy GPUs still count: the job waits, it is not impossible.
-            await capacity.reserve(session, str(uuid.uuid4()), GpuRequest(count=2))
-            assert await why(count=2) is None
+        assert await reserve(db)
 
 
 class TestSuspension:
@@ -98,11 +95,11 @@ class TestSuspension:
         async with db.begin() as session:
             await service.suspend_revoked(session, revoked.id)
             assert await service.suspend_owner(session, machine.owner_id) == 1
-        assert await reserve(db, GpuRequest(count=1, models=["A10"])) is None
+        assert await reserve(db, model="A10") is None
         async with db.begin() as session:
             page = await offers.search_offers(session, OfferQuery(models=["A10"]))
             assert page.offers == [] and page.total == 0
             # Re-enabling the owner brings back what disabling took, not a revoked machine.
             assert await service.resume_owner(session, machine.owner_id) == 1
-        assert (await reserve(db, GpuRequest(count=1, models=["A10"]))).provider_id == machine.id
-        assert await reserve(db, GpuRequest(count=1, models=["A10"])) is None
+        assert (await reserve(db, model="A10")).provider_id == machine.id
+        assert await reserve(db, model="A10") is None

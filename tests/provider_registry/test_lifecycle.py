@@ -10,7 +10,6 @@ from sqlalchemy.orm import selectinload
 from common.errors import Conflict, NotFound
 from common.messages import GpuMetrics, Heartbeat
 from provider_registry import capacity, fleet_metrics, liveness, reliability, service
-from provider_registry.capacity import GpuRequest
 from provider_registry.models import (
     DRAINING,
     LEFT,
@@ -20,7 +19,7 @@ from provider_registry.models import (
     ProviderOutage,
     ProviderTaskDay,
 )
-from tests.provider_registry.factories import create_provider
+from tests.provider_registry.factories import create_provider, reserve_any
 
 
 async def reload(db: async_sessionmaker, provider_id: str) -> Provider:
@@ -46,7 +45,7 @@ class TestDrainAndLeave:
         await beat(db, machine)
         assert (await reload(db, machine.id)).state == DRAINING
         async with db.begin() as session:
-            assert await capacity.reserve(session, "j", GpuRequest(count=1)) is None
+            assert await reserve_any(session, "j") is None
             await service.set_drain(session, machine.id, False)
         await beat(db, machine)
         assert (await reload(db, machine.id)).state == ONLINE
@@ -54,7 +53,7 @@ class TestDrainAndLeave:
     async def test_leave_is_refused_while_a_task_runs_then_is_for_good(self, db) -> None:  # type: ignore[no-untyped-def]
         async with db.begin() as session:
             machine = await create_provider(session, gpus=1)
-            assert await capacity.reserve(session, "j", GpuRequest(count=1)) is not None
+            assert await reserve_any(session, "j") is not None
         async with db.begin() as session:
             with pytest.raises(Conflict, match="1 task"):
                 await service.leave(session, machine.id)
@@ -92,10 +91,10 @@ class TestHealth:
         assert (gpu.healthy, gpu.ecc_errors, gpu.xid_errors) == (False, 2, 1)
         assert gpu.health_reason == "2 uncorrectable ECC errors; reset the GPU"
         async with db.begin() as session:
-            assert await capacity.reserve(session, "j", GpuRequest(count=1)) is None
+            assert await reserve_any(session, "j") is None
         await beat(db, machine, gpus=[GpuMetrics(uuid=uuid, ecc_errors=0)])
         async with db.begin() as session:
-            assert await capacity.reserve(session, "j", GpuRequest(count=1)) is not None
+            assert await reserve_any(session, "j") is not None
 
 
 class TestReliability:
@@ -157,7 +156,7 @@ class TestOutbox:
     async def test_each_loss_is_published_until_marked(self, db) -> None:  # type: ignore[no-untyped-def]
         async with db.begin() as session:
             machine = await create_provider(session, gpus=2)
-            await capacity.reserve(session, "job-a", GpuRequest(count=1))
+            await reserve_any(session, "job-a")
             await session.execute(
                 update(Provider).values(last_heartbeat_at=datetime.now(UTC) - timedelta(minutes=5))
             )

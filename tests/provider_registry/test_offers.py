@@ -7,11 +7,10 @@ import pytest
 from sqlalchemy import update
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
-from provider_registry import capacity, offers
-from provider_registry.capacity import GpuRequest
+from provider_registry import offers
 from provider_registry.models import DRAINING, OFFLINE, Gpu
 from provider_registry.offers import OfferQuery
-from tests.provider_registry.factories import create_provider
+from tests.provider_registry.factories import create_provider, reserve_any
 
 
 @pytest.fixture
@@ -128,7 +127,7 @@ class TestFilters:
 
     async def test_busy_and_unhealthy_gpus_are_not_free(self, db, fleet) -> None:  # type: ignore[no-untyped-def]
         async with db.begin() as session:
-            held = await capacity.reserve(session, "job-1", GpuRequest(count=3, models=["H100"]))
+            held = await reserve_any(session, "job-1", 3, "H100")
             assert held is not None
             await session.execute(
                 update(Gpu)
@@ -143,9 +142,7 @@ class TestFilters:
         assert page.offers[0].total_gpus == 8 and page.offers[0].pcie_gen == 5
         # Nor does the scheduler get the unhealthy one.
         async with db.begin() as session:
-            assert (
-                await capacity.reserve(session, "j2", GpuRequest(count=5, models=["H100"])) is None
-            )
+            assert await reserve_any(session, "j2", 5, "H100") is None
 
     async def test_one_offer_per_machine_and_model(self, db) -> None:  # type: ignore[no-untyped-def]
         async with db.begin() as session:

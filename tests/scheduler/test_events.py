@@ -8,25 +8,21 @@ from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from common.messages import JobEvent, OutputFile
 from provider_registry.models import Gpu
-from scheduler import job_store, placement, states
+from scheduler import job_store, states
 from scheduler.events import apply_event
 from scheduler.models import JobOutput
-from scheduler.schemas import JobSpec
+from scheduler.retries import RetryPolicy
 from tests.provider_registry.factories import create_provider
+from tests.scheduler.placing import NO_BACKOFF, load, place, submit
 
 
-async def placed_job(db: async_sessionmaker, retries: int = 2):  # type: ignore[no-untyped-def]
+async def placed_job(db: async_sessionmaker, retries: int = 2, **kw):  # type: ignore[no-untyped-def]
     async with db.begin() as session:
         provider = await create_provider(session, gpus=1)
-        job = await job_store.create_job(
-            session,
-            str(uuid.uuid4()),
-            JobSpec(image="i", command=["true"], max_duration_s=60, retries=retries),
-        )
-    async with db.begin() as session:
-        placed = await placement.place_job(session, job.id, allow_simulated=False)
-    assert placed is not None and placed.provider_id == provider.id
-    assert placed.task.gpu_uuids == [provider.gpus[0].uuid]
+        job = await submit(session, retries=retries, **kw)
+    placed = (await place(db)).placements
+    assert [p.provider_id for p in placed] == [provider.id]
+    assert placed[0].task.gpu_uuids == [provider.gpus[0].uuid]
     return job.id, provider.id
 
 
@@ -43,12 +39,7 @@ def event(job_id: str, provider_id: str, type_: str, attempt: int = 0, **kw) -> 
 
 async def apply(db: async_sessionmaker, ev: JobEvent):  # type: ignore[no-untyped-def]
     async with db.begin() as session:
-        return await apply_event(session, ev)
-
-
-async def load(db: async_sessionmaker, job_id: str):  # type: ignore[no-untyped-def]
-    async with db() as session:
-        return await job_store.get_job(session, job_id)
+        return await apply_event(session, ev, NO_BACKOFF)
 
 
 async def free_gpus(db: async_sessionmaker) -> int:
@@ -121,14 +112,12 @@ class TestApplyEvent:
         assert job.status == states.QUEUED and job.attempt == 1
         assert job.avoid_providers == [provider_id]
         # The only machine is the one it failed on: it is not chosen again.
-        async with db.begin() as session:
-            assert await placement.place_job(session, job_id, allow_simulated=False) is None
+        assert (await place(db)).placements == []
         assert "already failed this job" in (await load(db, job_id)).waiting_reason
         async with db.begin() as session:
             other = await create_provider(session, gpus=1)
-        async with db.begin() as session:
-            placed = await placement.place_job(session, job_id, allow_simulated=False)
-        assert placed is not None and placed.task.attempt == 1 and placed.provider_id == other.id
+        [placed] = (await place(db)).placements
+        assert placed.task.attempt == 1 and placed.provider_id == other.id
         await apply(
             db,
             event(
@@ -144,6 +133,41 @@ class TestApplyEvent:
         assert job.status == states.FAILED
         assert job.failure_reason == "infrastructure: disk full"
 
+    async def test_exit_code_the_job_retries_on(self, db: async_sessionmaker) -> None:
+        job_id, provider_id = await placed_job(db, retries=1, retry_on_exit_codes=[75])
+        await apply(db, event(job_id, provider_id, "finished", exit_code=75, outcome="exited"))
+        job = await load(db, job_id)
+        assert (job.status, job.attempt, job.avoid_providers) == (states.QUEUED, 1, [])
+        assert "exit code 75" in job.waiting_reason
+        # Same machine is fine: the user's code asked for it, the machine did nothing wrong.
+        [placed] = (await place(db)).placements
+        assert placed.provider_id == provider_id
+        await apply(
+            db, event(job_id, provider_id, "finished", attempt=1, exit_code=75, outcome="exited")
+        )
+        job = await load(db, job_id)
+        assert (job.status, job.exit_code) == (states.FAILED, 75)
+
+    async def test_other_exit_codes_are_not_retried(self, db: async_sessionmaker) -> None:
+        job_id, provider_id = await placed_job(db, retry_on_exit_codes=[75])
+        await apply(db, event(job_id, provider_id, "finished", exit_code=1, outcome="exited"))
+        assert (await load(db, job_id)).status == states.FAILED
+
+    async def test_retry_waits_out_its_backoff(self, db: async_sessionmaker) -> None:
+        job_id, provider_id = await placed_job(db)
+        async with db.begin() as session:
+            await apply_event(
+                session,
+                event(job_id, provider_id, "rejected", reason="GPU busy"),
+                RetryPolicy(backoff_s=30, backoff_max_s=60),
+            )
+        job = await load(db, job_id)
+        assert job.status == states.QUEUED and job.not_before is not None
+        assert "retrying in 30 s" in job.waiting_reason
+        async with db.begin() as session:
+            await create_provider(session, gpus=1)
+        assert (await place(db)).placements == []
+
     async def test_cancel_of_running_job_frees_gpus_when_container_stops(
         self, db: async_sessionmaker
     ) -> None:
@@ -158,35 +182,14 @@ class TestApplyEvent:
         assert job.status == states.CANCELLED and job.finished_at is not None
         assert await free_gpus(db) == 1
 
-
-class TestPlacementPass:
-    async def test_jobs_shaped_like_a_miss_wait_without_asking_again(
-        self, db: async_sessionmaker
-    ) -> None:
+    async def test_late_events_do_not_revive_a_cancelled_job(self, db: async_sessionmaker) -> None:
+        job_id, provider_id = await placed_job(db)
         async with db.begin() as session:
-            await create_provider(session, gpus=1)
-            ids = [
-                (
-                    await job_store.create_job(
-                        session,
-                        str(uuid.uuid4()),
-                        JobSpec(image="i", command=["true"], max_duration_s=60),
-                    )
-                ).id
-                for _ in range(3)
-            ]
-        misses: placement.Misses = {}
-
-        async def place(job_id: str, seen: placement.Misses):  # type: ignore[no-untyped-def]
-            async with db.begin() as session:
-                return await placement.place_job(session, job_id, False, seen)
-
-        assert await place(ids[0], misses) is not None
-        assert await place(ids[1], misses) is None
-        assert list(misses.values()) == [placement.WAITING_FOR_CAPACITY]
-        # Capacity appearing mid-pass is left to the next pass: the miss is not re-asked.
-        async with db.begin() as session:
-            await create_provider(session, gpus=1)
-        assert await place(ids[2], misses) is None
-        assert (await load(db, ids[2])).waiting_reason == placement.WAITING_FOR_CAPACITY
-        assert await place(ids[2], {}) is not None
+            await job_store.request_cancel(session, job_id, None)
+        await apply(db, event(job_id, provider_id, "accepted"))
+        await apply(db, event(job_id, provider_id, "started"))
+        assert (await load(db, job_id)).status == states.CANCELLED
+        await apply(db, event(job_id, provider_id, "finished", exit_code=0, outcome="exited"))
+        job = await load(db, job_id)
+        assert job.status == states.CANCELLED and job.finished_at is not None
+        assert await free_gpus(db) == 1

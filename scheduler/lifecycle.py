@@ -1,0 +1,163 @@
+"""What the scheduler does when a provider or a task stops answering.
+
+- A lost provider (provider.lost.<id>, from the registry's liveness sweep): its attempts
+  go back to the queue (or fail with `provider_lost` once retries are spent).
+- A task its daemon did not accept within the deadline: the same, as the machine's fault.
+- A run past max_duration_s (the daemon enforces it; this is the backstop): timed_out,
+  and the daemon is asked to stop the container. Its GPUs stay held until the daemon
+  says the container stopped (or the provider is lost), never double-booked.
+- A stop the daemon has not confirmed: asked again, since a cancel message may be lost
+  with a NATS outage. The daemon answers a cancel for an attempt it never ran with a
+  `finished` event, so GPUs held for a task that was never delivered come back too.
+
+Functions take the session; the caller owns the transaction and, after commit, sends a
+TaskCancel for every Stopped returned.
+"""
+
+import logging
+from datetime import datetime, timedelta
+
+from sqlalchemy import func, or_, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from common.messages import ProviderLost
+from provider_registry import capacity
+from scheduler import states
+from scheduler.models import Job
+from scheduler.retries import PROVIDER_LOST, RetryPolicy, Stopped, requeue_or_fail
+
+log = logging.getLogger(__name__)
+
+TIMED_OUT_REASON = "max_duration_s exceeded"
+
+
+def _stopped(job: Job, provider_id: str) -> Stopped:
+    return Stopped(job_id=job.id, attempt=job.attempt, provider_id=provider_id)
+
+
+async def take_back(
+    session: AsyncSession, job: Job, reason: str, policy: RetryPolicy
+) -> Stopped | None:
+    """Takes the job's current attempt away from its provider as the machine's fault."""
+    provider_id = job.provider_id
+    if provider_id is None or job.finished_at is not None:
+        return None
+    stopped = _stopped(job, provider_id)
+    if job.status in states.ACTIVE:
+        await requeue_or_fail(
+            session,
+            job,
+            reason,
+            policy,
+            avoid_provider=True,
+            failure_reason=f"{PROVIDER_LOST}: {reason}",
+        )
+    else:
+        # Cancelled or timed out while its daemon was unreachable: the stop is final.
+        await capacity.release(session, job.id)
+        job.finished_at = func.now()
+    log.warning(
+        "attempt taken back from its provider",
+        extra={
+            "job_id": job.id,
+            "attempt": stopped.attempt,
+            "provider_id": provider_id,
+            "reason": reason,
+            "status": job.status,
+        },
+    )
+    return stopped
+
+
+async def on_provider_lost(
+    session: AsyncSession, lost: ProviderLost, policy: RetryPolicy
+) -> list[Stopped]:
+    """Every unfinished attempt the provider held when it was lost. Replays are no-ops:
+    a job already taken back no longer names this provider."""
+    held = select(Job.id).where(
+        Job.provider_id == lost.provider_id,
+        Job.finished_at.is_(None),
+        Job.assigned_at <= lost.at,
+    )
+    ids = set((await session.scalars(held)).all()) | set(lost.job_ids)
+    stopped = []
+    for job_id in sorted(ids):  # one lock order for every writer of many jobs
+        job = await session.get(Job, job_id, with_for_update=True)
+        if job is None or job.provider_id != lost.provider_id:
+            continue
+        taken = await take_back(session, job, "the provider stopped sending heartbeats", policy)
+        if taken is not None:
+            stopped.append(taken)
+    return stopped
+
+
+async def expire_unaccepted(
+    session: AsyncSession, now: datetime, accept_timeout_s: float, policy: RetryPolicy
+) -> list[Stopped]:
+    """Tasks whose daemon did not say `accepted` within the deadline."""
+    jobs = await session.scalars(
+        select(Job)
+        .where(
+            Job.finished_at.is_(None),
+            Job.provider_id.is_not(None),
+            Job.status == states.ASSIGNED,
+            Job.accepted_at.is_(None),
+            Job.assigned_at < now - timedelta(seconds=accept_timeout_s),
+        )
+        .order_by(Job.id)
+        .with_for_update(skip_locked=True)
+    )
+    stopped = []
+    for job in jobs.all():
+        taken = await take_back(
+            session,
+            job,
+            f"the provider did not accept the task within {accept_timeout_s:g} s",
+            policy,
+        )
+        if taken is not None:
+            stopped.append(taken)
+    return stopped
+
+
+async def expire_overdue(session: AsyncSession, now: datetime, grace_s: float) -> list[Stopped]:
+    """Attempts past max_duration_s (plus a grace for the daemon to report it itself)."""
+    began = func.coalesce(Job.started_at, Job.accepted_at, Job.assigned_at)
+    jobs = await session.scalars(
+        select(Job)
+        .where(
+            Job.finished_at.is_(None),
+            Job.provider_id.is_not(None),
+            Job.status.in_(states.ACTIVE),
+            began + func.make_interval(0, 0, 0, 0, 0, 0, Job.max_duration_s + grace_s) < now,
+        )
+        .order_by(Job.id)
+        .with_for_update(skip_locked=True)
+    )
+    stopped = []
+    for job in jobs.all():
+        assert job.provider_id is not None
+        job.status = states.TIMED_OUT
+        job.failure_reason = TIMED_OUT_REASON
+        job.stop_requested_at = func.now()
+        stopped.append(_stopped(job, job.provider_id))
+        log.warning(
+            "job timed out by the platform's clock",
+            extra={"job_id": job.id, "attempt": job.attempt, "provider_id": job.provider_id},
+        )
+    return stopped
+
+
+async def unconfirmed_stops(
+    session: AsyncSession, now: datetime, resend_after_s: float
+) -> list[Stopped]:
+    """Stops asked for a while ago that no daemon confirmed: to be asked again."""
+    rows = await session.execute(
+        select(Job.id, Job.attempt, Job.provider_id).where(
+            Job.finished_at.is_(None),
+            Job.provider_id.is_not(None),
+            or_(Job.status == states.CANCELLED, Job.status == states.TIMED_OUT),
+            Job.stop_requested_at < now - timedelta(seconds=resend_after_s),
+        )
+    )
+    return [Stopped(job_id=r.id, attempt=r.attempt, provider_id=r.provider_id) for r in rows]

@@ -10,15 +10,16 @@
   with a NATS outage. The daemon answers a cancel for an attempt it never ran with a
   `finished` event, so GPUs held for a task that was never delivered come back too.
 
-Functions take the session; the caller owns the transaction and, after commit, sends a
-TaskCancel for every Stopped returned.
+The caller sends a TaskCancel for every Stopped returned, after the commit. Sweeps run a
+short transaction per job, so they never hold many jobs' locks at once.
 """
 
 import logging
+from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 
-from sqlalchemy import func, or_, select
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy import Select, func, or_, select
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from common.messages import ProviderLost
 from provider_registry import capacity
@@ -91,61 +92,70 @@ async def on_provider_lost(
     return stopped
 
 
-async def expire_unaccepted(
-    session: AsyncSession, now: datetime, accept_timeout_s: float, policy: RetryPolicy
+async def _each_locked(
+    sessionmaker: async_sessionmaker,
+    query: Select,
+    act: Callable[[AsyncSession, Job], Awaitable[Stopped | None]],
 ) -> list[Stopped]:
-    """Tasks whose daemon did not say `accepted` within the deadline."""
-    jobs = await session.scalars(
-        select(Job)
-        .where(
-            Job.finished_at.is_(None),
-            Job.provider_id.is_not(None),
-            Job.status == states.ASSIGNED,
-            Job.accepted_at.is_(None),
-            Job.assigned_at < now - timedelta(seconds=accept_timeout_s),
-        )
-        .order_by(Job.id)
-        .with_for_update(skip_locked=True)
-    )
+    """Runs `act` on each job the query finds, one short transaction per job: the job
+    is locked again (SKIP LOCKED: another replica has it) and the query's conditions
+    re-checked, so a job that moved on meanwhile is left alone."""
+    async with sessionmaker() as session:
+        job_ids = list((await session.scalars(query.with_only_columns(Job.id))).all())
     stopped = []
-    for job in jobs.all():
-        taken = await take_back(
-            session,
-            job,
-            f"the provider did not accept the task within {accept_timeout_s:g} s",
-            policy,
-        )
-        if taken is not None:
-            stopped.append(taken)
+    for job_id in job_ids:
+        async with sessionmaker.begin() as session:
+            job = await session.scalar(
+                query.where(Job.id == job_id).with_for_update(skip_locked=True)
+            )
+            if job is not None and (taken := await act(session, job)) is not None:
+                stopped.append(taken)
     return stopped
 
 
-async def expire_overdue(session: AsyncSession, now: datetime, grace_s: float) -> list[Stopped]:
+async def expire_unaccepted(
+    sessionmaker: async_sessionmaker, now: datetime, accept_timeout_s: float, policy: RetryPolicy
+) -> list[Stopped]:
+    """Tasks whose daemon did not say `accepted` within the deadline."""
+    query = select(Job).where(
+        Job.finished_at.is_(None),
+        Job.provider_id.is_not(None),
+        Job.status == states.ASSIGNED,
+        Job.accepted_at.is_(None),
+        Job.assigned_at < now - timedelta(seconds=accept_timeout_s),
+    )
+    reason = f"the provider did not accept the task within {accept_timeout_s:g} s"
+
+    async def take(session: AsyncSession, job: Job) -> Stopped | None:
+        return await take_back(session, job, reason, policy)
+
+    return await _each_locked(sessionmaker, query, take)
+
+
+async def expire_overdue(
+    sessionmaker: async_sessionmaker, now: datetime, grace_s: float
+) -> list[Stopped]:
     """Attempts past max_duration_s (plus a grace for the daemon to report it itself)."""
     began = func.coalesce(Job.started_at, Job.accepted_at, Job.assigned_at)
-    jobs = await session.scalars(
-        select(Job)
-        .where(
-            Job.finished_at.is_(None),
-            Job.provider_id.is_not(None),
-            Job.status.in_(states.ACTIVE),
-            began + func.make_interval(0, 0, 0, 0, 0, 0, Job.max_duration_s + grace_s) < now,
-        )
-        .order_by(Job.id)
-        .with_for_update(skip_locked=True)
+    query = select(Job).where(
+        Job.finished_at.is_(None),
+        Job.provider_id.is_not(None),
+        Job.status.in_(states.ACTIVE),
+        began + func.make_interval(0, 0, 0, 0, 0, 0, Job.max_duration_s + grace_s) < now,
     )
-    stopped = []
-    for job in jobs.all():
+
+    async def time_out(session: AsyncSession, job: Job) -> Stopped | None:
         assert job.provider_id is not None
         job.status = states.TIMED_OUT
         job.failure_reason = TIMED_OUT_REASON
         job.stop_requested_at = func.now()
-        stopped.append(_stopped(job, job.provider_id))
         log.warning(
             "job timed out by the platform's clock",
             extra={"job_id": job.id, "attempt": job.attempt, "provider_id": job.provider_id},
         )
-    return stopped
+        return _stopped(job, job.provider_id)
+
+    return await _each_locked(sessionmaker, query, time_out)
 
 
 async def unconfirmed_stops(

@@ -15,7 +15,10 @@ class SchedulerSettings(ServiceSettings):
     # Deadlines: a task its daemon has not accepted, a run past max_duration_s (the
     # daemon enforces it; this is the platform's own clock), a stop nobody confirmed.
     lifecycle_interval_s: float = 5.0
-    accept_timeout_s: float = 30.0
+    accept_timeout_s: float = 60.0
+    # Accept deadlines are judged only while this replica's view of the events is no
+    # further behind than this many messages (a late `accepted` is not a dead daemon).
+    events_backlog_limit: int = 500
     overdue_grace_s: float = 30.0
     stop_resend_s: float = 30.0
     # Backoff before attempt n (n >= 1): retry_backoff_s x 2^(n-1), at most the max.

@@ -49,6 +49,8 @@ RACES = Counter(
     "scheduler_reservation_races_total", "Decisions that lost their GPUs to another replica"
 )
 EVENTS = Counter("scheduler_events_total", "Job events applied", ["type"])
+# Events applied per transaction, at most.
+FETCH_BATCH = 128
 TRANSITIONS = Counter("scheduler_job_transitions_total", "Job state changes", ["status"])
 TAKEN_BACK = Counter(
     "scheduler_attempts_taken_back_total",
@@ -151,31 +153,41 @@ class Scheduler:
             },
         )
 
-    async def on_job_submitted(self, _: bytes) -> None:
+    async def on_job_submitted(self, _: list[bytes]) -> None:
         self.wake.set()
 
-    async def on_event(self, data: bytes) -> None:
-        try:
-            event = JobEvent.model_validate_json(data)
-        except ValidationError:
-            log.warning("invalid job event dropped")
-            return
+    async def on_events(self, batch: list[bytes]) -> None:
+        events = []
+        for data in batch:
+            try:
+                events.append(JobEvent.model_validate_json(data))
+            except ValidationError:
+                log.warning("invalid job event dropped")
+        # One lock order (by job) for every replica; a job's own events keep their order.
+        events.sort(key=lambda e: e.job_id)
         async with self.sessionmaker.begin() as session:
-            effect = await apply_event(session, event, self.policy)
-        EVENTS.labels(event.type).inc()
-        if effect.requeued:
-            TAKEN_BACK.labels("task failed").inc()
-        if effect.new_status:
-            TRANSITIONS.labels(effect.new_status).inc()
-            log.info(
-                "job %s",
-                effect.new_status,
-                extra={"job_id": event.job_id, "attempt": event.attempt},
-            )
-        if effect.gpus_freed or effect.requeued:
+            effects = [(e, await apply_event(session, e, self.policy)) for e in events]
+        wake = False
+        for event, effect in effects:
+            EVENTS.labels(event.type).inc()
+            if effect.requeued:
+                TAKEN_BACK.labels("task failed").inc()
+            if effect.new_status:
+                TRANSITIONS.labels(effect.new_status).inc()
+                log.info(
+                    "job %s",
+                    effect.new_status,
+                    extra={"job_id": event.job_id, "attempt": event.attempt},
+                )
+            wake = wake or effect.gpus_freed or effect.requeued
+        if wake:
             self.wake.set()
 
-    async def on_provider_lost(self, data: bytes) -> None:
+    async def on_provider_lost(self, batch: list[bytes]) -> None:
+        for data in batch:
+            await self._provider_lost(data)
+
+    async def _provider_lost(self, data: bytes) -> None:
         try:
             lost = ProviderLost.model_validate_json(data)
         except ValidationError:
@@ -201,15 +213,30 @@ class Scheduler:
             except Exception:
                 log.exception("lifecycle sweep failed; retrying")
 
+    async def _events_backlog(self) -> int | None:
+        try:
+            info = await self.js.consumer_info(
+                subjects.EVENTS_STREAM, subjects.SCHEDULER_EVENTS_DURABLE
+            )
+        except Exception as exc:
+            log.warning("events consumer unreadable", extra={"error": str(exc)})
+            return None
+        return info.num_pending + info.num_ack_pending
+
     async def lifecycle_sweep(self) -> None:
         settings = self.settings
         now = datetime.now(UTC)
-        async with self.sessionmaker.begin() as session:
+        unaccepted: list[Stopped] = []
+        # An `accepted` still waiting in our own backlog is not the daemon's fault: judge
+        # the deadline only when the scheduler is caught up with the events.
+        backlog = await self._events_backlog()
+        if backlog is not None and backlog <= settings.events_backlog_limit:
             unaccepted = await lifecycle.expire_unaccepted(
-                session, now, settings.accept_timeout_s, self.policy
+                self.sessionmaker, now, settings.accept_timeout_s, self.policy
             )
-        async with self.sessionmaker.begin() as session:
-            overdue = await lifecycle.expire_overdue(session, now, settings.overdue_grace_s)
+        else:
+            log.info("events backlog; accept deadlines wait", extra={"backlog": backlog})
+        overdue = await lifecycle.expire_overdue(self.sessionmaker, now, settings.overdue_grace_s)
         async with self.sessionmaker() as session:
             unconfirmed = await lifecycle.unconfirmed_stops(session, now, settings.stop_resend_s)
             QUEUE_DEPTH.set(
@@ -247,28 +274,43 @@ async def consume(
     subject: str,
     durable: str,
     stream: str,
-    handle: Callable[[bytes], Awaitable[None]],
+    handle: Callable[[list[bytes]], Awaitable[None]],
     stop: asyncio.Event,
 ) -> None:
-    """Pulls from a durable consumer shared by every replica; acks after handling."""
+    """Pulls from a durable consumer shared by every replica; acks after handling.
+
+    A fetched batch is handled at once (one transaction for many events); if that fails,
+    each message is tried alone, so one bad message is redelivered without the others.
+    """
     sub = await js.pull_subscribe(subject, durable=durable, stream=stream)
     try:
         while not stop.is_set():
             try:
-                msgs = await sub.fetch(batch=64, timeout=1)
+                msgs = await sub.fetch(batch=FETCH_BATCH, timeout=1)
             except TimeoutError:  # nats.errors.TimeoutError or asyncio.TimeoutError
                 continue
             except Exception as exc:
                 log.warning("fetch failed; retrying", extra={"durable": durable, "error": str(exc)})
                 await asyncio.sleep(1)
                 continue
-            for msg in msgs:
-                try:
-                    await handle(msg.data)
-                except Exception:
+            try:
+                await handle([msg.data for msg in msgs])
+            except Exception:
+                if len(msgs) == 1:
                     log.exception("handling failed; message will be redelivered")
-                    await msg.nak(delay=2)
+                    await msgs[0].nak(delay=2)
                     continue
+                log.warning("batch failed; handling its messages one by one", exc_info=True)
+                for msg in msgs:
+                    try:
+                        await handle([msg.data])
+                    except Exception:
+                        log.exception("handling failed; message will be redelivered")
+                        await msg.nak(delay=2)
+                        continue
+                    await msg.ack()
+                continue
+            for msg in msgs:
                 await msg.ack()
     finally:
         # An open pull subscription makes drain() wait out its whole timeout.
@@ -340,7 +382,7 @@ async def run(settings: SchedulerSettings) -> None:
                     "events.>",
                     subjects.SCHEDULER_EVENTS_DURABLE,
                     subjects.EVENTS_STREAM,
-                    scheduler.on_event,
+                    scheduler.on_events,
                     stop,
                 )
             )

@@ -83,12 +83,8 @@ class TestDeadlines:
     async def test_a_task_nobody_accepts_goes_elsewhere(self, db: async_sessionmaker) -> None:
         job_id, provider_id = await one_placed(db, machines=2)
         now = datetime.now(UTC)
-        async with db.begin() as session:
-            assert await lifecycle.expire_unaccepted(session, now, 30, NO_BACKOFF) == []
-        async with db.begin() as session:
-            stopped = await lifecycle.expire_unaccepted(
-                session, now + timedelta(seconds=31), 30, NO_BACKOFF
-            )
+        assert await lifecycle.expire_unaccepted(db, now, 30, NO_BACKOFF) == []
+        stopped = await lifecycle.expire_unaccepted(db, now + timedelta(seconds=31), 30, NO_BACKOFF)
         assert [s.provider_id for s in stopped] == [provider_id]
         job = await load(db, job_id)
         assert job.status == states.QUEUED and job.avoid_providers == [provider_id]
@@ -97,9 +93,8 @@ class TestDeadlines:
     async def test_an_accepted_task_is_not_expired(self, db: async_sessionmaker) -> None:
         job_id, provider_id = await one_placed(db)
         await apply(db, event(job_id, provider_id, "accepted"))
-        async with db.begin() as session:
-            later = datetime.now(UTC) + timedelta(hours=1)
-            assert await lifecycle.expire_unaccepted(session, later, 30, NO_BACKOFF) == []
+        later = datetime.now(UTC) + timedelta(hours=1)
+        assert await lifecycle.expire_unaccepted(db, later, 30, NO_BACKOFF) == []
         assert (await load(db, job_id)).accepted_at is not None
 
     async def test_a_run_past_its_time_limit_times_out_and_frees_gpus_when_stopped(
@@ -108,12 +103,8 @@ class TestDeadlines:
         job_id, provider_id = await one_placed(db)
         await apply(db, event(job_id, provider_id, "started"))
         now = datetime.now(UTC)
-        async with db.begin() as session:
-            assert await lifecycle.expire_overdue(session, now, grace_s=30) == []
-        async with db.begin() as session:
-            [stopped] = await lifecycle.expire_overdue(
-                session, now + timedelta(seconds=91), grace_s=30
-            )
+        assert await lifecycle.expire_overdue(db, now, grace_s=30) == []
+        [stopped] = await lifecycle.expire_overdue(db, now + timedelta(seconds=91), grace_s=30)
         assert stopped.provider_id == provider_id
         job = await load(db, job_id)
         assert job.status == states.TIMED_OUT and job.finished_at is None

@@ -37,31 +37,33 @@ async def reserve_in_pool(
     take different GPUs instead of waiting, and a machine that went offline, was
     suspended, or raised its price since the view was taken is refused.
     """
+    gpus, providers = Gpu.__table__.c, Provider.__table__.c
     conditions = [
-        Gpu.provider_id == provider_id,
-        Gpu.model == model,
-        Gpu.reserved_job_id.is_(None),
-        Gpu.healthy.is_(True),
-        Provider.state == ONLINE,
-        Provider.suspended_reason.is_(None),
+        gpus.provider_id == provider_id,
+        gpus.model == model,
+        gpus.reserved_job_id.is_(None),
+        gpus.healthy.is_(True),
+        providers.state == ONLINE,
+        providers.suspended_reason.is_(None),
     ]
     if max_price_per_hour is not None:
-        conditions.append(Gpu.price_per_hour <= max_price_per_hour)
+        conditions.append(gpus.price_per_hour <= max_price_per_hour)
+    # Core, not ORM: this runs once per placement and no GPU object is loaded.
     picked = (
-        select(Gpu.id)
-        .join(Provider, Provider.id == Gpu.provider_id)
+        select(gpus.id)
+        .join_from(Gpu.__table__, Provider.__table__, providers.id == gpus.provider_id)
         .where(*conditions)
-        .order_by(Gpu.index)
+        .order_by(gpus.index)
         .limit(count)
-        .with_for_update(of=Gpu, skip_locked=True)
+        .with_for_update(of=Gpu.__table__, skip_locked=True)
         .cte("picked")
     )
     rows = (
         await session.execute(
-            update(Gpu)
-            .where(Gpu.id == picked.c.id)
+            update(Gpu.__table__)
+            .where(gpus.id == picked.c.id)
             .values(reserved_job_id=job_id)
-            .returning(Gpu.uuid, Gpu.index, Gpu.price_per_hour)
+            .returning(gpus.uuid, gpus.index, gpus.price_per_hour)
         )
     ).all()
     if len(rows) < count:
@@ -77,7 +79,8 @@ async def reserve_in_pool(
 
 async def release(session: AsyncSession, job_id: str) -> int:
     """Frees every GPU the job holds; returns how many were freed (0 on a replay)."""
+    gpus = Gpu.__table__.c
     result = await session.execute(
-        update(Gpu).where(Gpu.reserved_job_id == job_id).values(reserved_job_id=None)
+        update(Gpu.__table__).where(gpus.reserved_job_id == job_id).values(reserved_job_id=None)
     )
     return result.rowcount or 0

@@ -16,7 +16,7 @@ import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from sqlalchemy import Row, func, select, update
+from sqlalchemy import Row, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from common.gpu_models import canonical_model
@@ -150,23 +150,27 @@ class Placer:
                 .with_for_update(skip_locked=True)
             )
         ).all()
-        for job in sorted(jobs, key=lambda j: order[j.id]):
-            reservation = await self._reserve_one(session, job, result)
-            if reservation is None:
-                # Earlier jobs of this pass took what it would have fitted.
-                if job.waiting_reason != WAITING_FOR_CAPACITY:
-                    job.waiting_reason = WAITING_FOR_CAPACITY
-                continue
-            job.status = states.ASSIGNED
-            job.waiting_reason = None
-            job.not_before = None
-            job.provider_id = reservation.provider_id
-            job.gpu_uuids = reservation.gpu_uuids
-            job.price_per_gpu_hour = reservation.price_per_gpu_hour
-            job.assigned_at = func.now()
-            result.placements.append(
-                Placement(provider_id=reservation.provider_id, task=task_for(job, reservation))
-            )
+        now = datetime.now(UTC)
+        # The jobs' updates go out together at commit (one executemany), not one flush
+        # before each reservation.
+        with session.no_autoflush:
+            for job in sorted(jobs, key=lambda j: order[j.id]):
+                reservation = await self._reserve_one(session, job, result)
+                if reservation is None:
+                    # Earlier jobs of this pass took what it would have fitted.
+                    if job.waiting_reason != WAITING_FOR_CAPACITY:
+                        job.waiting_reason = WAITING_FOR_CAPACITY
+                    continue
+                job.status = states.ASSIGNED
+                job.waiting_reason = None
+                job.not_before = None
+                job.provider_id = reservation.provider_id
+                job.gpu_uuids = reservation.gpu_uuids
+                job.price_per_gpu_hour = reservation.price_per_gpu_hour
+                job.assigned_at = now
+                result.placements.append(
+                    Placement(provider_id=reservation.provider_id, task=task_for(job, reservation))
+                )
 
     async def _reserve_one(
         self, session: AsyncSession, job: Job, result: PassResult

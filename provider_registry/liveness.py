@@ -68,8 +68,22 @@ async def ingest_heartbeats(session: AsyncSession, beats: list[Heartbeat]) -> li
         for b in beats
         for g in sorted(b.gpus, key=lambda g: g.uuid)
     ]
+    gpus = Gpu.__table__
+    # A GPU row a scheduler holds locked (a reservation being committed) is skipped
+    # this beat rather than waited for: waiting would hold this batch's other rows
+    # locked meanwhile, and the schedulers' SKIP LOCKED would see those as taken.
+    unlocked = set(
+        (
+            await session.execute(
+                select(gpus.c.provider_id, gpus.c.uuid)
+                .where(gpus.c.provider_id.in_(ids))
+                .order_by(gpus.c.id)
+                .with_for_update(skip_locked=True)
+            )
+        ).all()
+    )
+    metrics = [m for m in metrics if (m["p_id"], m["g_uuid"]) in unlocked]
     if metrics:
-        gpus = Gpu.__table__
         await session.execute(
             update(gpus)
             .where(gpus.c.provider_id == bindparam("p_id"), gpus.c.uuid == bindparam("g_uuid"))

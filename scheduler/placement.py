@@ -13,7 +13,7 @@ and one lost after publishing is caught by the accept deadline (lifecycle).
 """
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
 from sqlalchemy import Row, select, update
@@ -191,9 +191,11 @@ class Placer:
             if reservation is not None:
                 self.index.take(choice.provider_id, reservation.gpu_uuids)
                 return reservation
-            # Another replica (or the registry) changed that machine since we looked.
+            # Another replica took those GPUs, the machine changed since we looked, or
+            # its rows are locked right now: refresh it, and try the next machine.
             result.races_lost += 1
             await self.sync.reload(session, [choice.provider_id])
+            demand = replace(demand, avoid=demand.avoid | {choice.provider_id})
         return None
 
 

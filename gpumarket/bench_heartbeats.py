@@ -396,7 +396,7 @@ def bucket_deltas(
     return sorted((le, count - before.get(le, 0.0)) for le, count in after.items())
 
 
-def _proc_stats() -> dict[int, tuple[int, int]]:
+def proc_stats() -> dict[int, tuple[int, int]]:
     """pid -> (ppid, utime+stime+cutime+cstime in clock ticks) for every process."""
     stats = {}
     for entry in os.scandir("/proc"):
@@ -479,7 +479,7 @@ def take_snapshot(
     metrics_url: str, groups: dict[str, list[int]], workers: Workers, registry_pid: int
 ) -> Snapshot:
     scrape = scrape_metrics(metrics_url)
-    stats = _proc_stats()
+    stats = proc_stats()
     ticks = {name: tree_ticks(pids, stats) for name, pids in groups.items()}
     ticks["machine"] = machine_ticks()
     wait = runqueue_wait_ns(registry_pid)
@@ -614,7 +614,7 @@ def default_processes(providers: int) -> int:
 # --- the run ---------------------------------------------------------------------------
 
 
-def _progress(console: Console) -> Progress:
+def progress_bar(console: Console) -> Progress:
     return Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -630,7 +630,7 @@ def ramp_up(stack: Stack, workers: Workers, providers: int, console: Console) ->
     started = time.monotonic()
     # Generous: 10,000 handshakes on 2 cores take a while; a stall means something broke.
     deadline = started + 120 + providers / 50
-    with _progress(console) as progress:
+    with progress_bar(console) as progress:
         connecting = progress.add_task("NATS connections", total=providers)
         beating = progress.add_task("first heartbeats", total=providers)
         while True:
@@ -654,10 +654,10 @@ def _check_running(stack: Stack) -> None:
         raise RuntimeError(f"provider_registry exited with code {stack.registry.returncode}")
 
 
-def wait_with_progress(
+def wait_withprogress_bar(
     stack: Stack, workers: Workers, what: str, seconds: float, console: Console
 ) -> None:
-    with _progress(console) as progress:
+    with progress_bar(console) as progress:
         task = progress.add_task(what, total=seconds)
         end = time.monotonic() + seconds
         while (left := end - time.monotonic()) > 0:
@@ -742,7 +742,7 @@ def run_heartbeats_bench(
             stack._stops.append(workers.shutdown)
             ramp_s = ramp_up(stack, workers, providers, console)
             # One more interval, so the registry works at its steady pace, not the ramp's.
-            wait_with_progress(stack, workers, "warm-up", interval, console)
+            wait_withprogress_bar(stack, workers, "warm-up", interval, console)
             groups = {
                 "registry": [stack.registry.pid],
                 "postgres": [stack.postgres.proc.pid],
@@ -753,7 +753,7 @@ def run_heartbeats_bench(
             metrics_url = f"{stack.registry_url}/metrics/"
             caught_up = catch_up(workers, metrics_url, console, timeout=60)
             before = take_snapshot(metrics_url, groups, workers, stack.registry.pid)
-            wait_with_progress(stack, workers, "measuring", duration, console)
+            wait_withprogress_bar(stack, workers, "measuring", duration, console)
             after = take_snapshot(metrics_url, groups, workers, stack.registry.pid)
             errors = workers.total(ERRORS)
             # After the window, not in it: it stalls the registry.

@@ -12,6 +12,7 @@ from rich.console import Console
 from gpumarket.admin import admin_app
 from gpumarket.bench import run_jobs_bench
 from gpumarket.bench_heartbeats import run_heartbeats_bench
+from gpumarket.bench_scheduling import DECISION_MACHINES, BenchError, Via, run_scheduling_bench
 from gpumarket.localstack.process import free_port
 from gpumarket.platform import DEFAULT_SIMULATED_GPUS, LocalPlatform
 from gpumarket.sample import dev_accounts, run_sample_job, start_local_provider
@@ -119,6 +120,50 @@ def bench_heartbeats(
         run_heartbeats_bench(providers, interval, duration, processes, console)
     except RuntimeError as exc:
         console.print(f"[red]bench heartbeats failed:[/] {exc}")
+        raise typer.Exit(1) from exc
+
+
+@bench_app.command("scheduling")
+def bench_scheduling(
+    providers: int = typer.Option(1_000, min=1, max=100_000, help="Simulated providers."),
+    jobs: int = typer.Option(5_000, min=1, max=1_000_000, help="Jobs to submit and place."),
+    schedulers: int = typer.Option(1, min=1, max=16, help="Scheduler replicas."),
+    via: Via = typer.Option(
+        Via.gateway,
+        help="Submit through the gateway's REST API, or straight to Postgres "
+        "and JetStream (the gateway's path minus HTTP).",
+    ),
+    batch: int = typer.Option(
+        1, min=1, max=1_000, help="Jobs per request (POST /v1/jobs/batch when > 1)."
+    ),
+    concurrency: int = typer.Option(
+        32, min=1, max=1_024, help="HTTP connections submitting at once (--via gateway)."
+    ),
+    daemon_processes: int = typer.Option(
+        2, min=1, max=16, help="Processes that play the simulated daemons."
+    ),
+    timeout: float | None = typer.Option(
+        None,
+        min=1,
+        help="Seconds after the first submit for every job to be assigned "
+        "[default: 120 + jobs / 10].",
+    ),
+    decision_machines: list[int] = typer.Option(
+        list(DECISION_MACHINES), min=1, help="Fleet sizes to time one placement decision over."
+    ),
+    log_dir: Path | None = typer.Option(
+        None, help="Copy every process' log here at the end (the run's temp dir is removed)."
+    ),
+) -> None:
+    """M jobs onto N simulated providers; prints jobs/s, submit->assigned latency, CPU."""
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        run_scheduling_bench(
+            providers, jobs, schedulers, via, batch, concurrency, daemon_processes, timeout,
+            decision_machines, console, log_dir,
+        )  # fmt: skip
+    except (BenchError, RuntimeError) as exc:
+        console.print(f"[red]bench scheduling failed:[/] {exc}", soft_wrap=True)
         raise typer.Exit(1) from exc
 
 

@@ -63,6 +63,8 @@ class LocalPlatform:
     ports: dict[str, int] = field(default_factory=dict)
     # Extra GPUMARKET_* settings for every service (the tests shorten some delays).
     settings: dict[str, str] = field(default_factory=dict)
+    # Scheduler replicas, each with its own HTTP port, all on the same durable consumers.
+    schedulers: int = 1
 
     @property
     def gateway_url(self) -> str:
@@ -144,6 +146,11 @@ class LocalPlatform:
         health = f"http://127.0.0.1:{port}/healthz" if port else None
         self.processes.append(ServiceProcess(name, process, health))
 
+    @property
+    def scheduler_names(self) -> list[str]:
+        """scheduler, scheduler-2, ...: the first keeps the name (and port) of a single one."""
+        return ["scheduler"] + [f"scheduler-{n}" for n in range(2, self.schedulers + 1)]
+
     def start_services(self) -> None:
         for name in ("auth_service", "storage_service", "provider_registry", "scheduler"):
             self.port(name)
@@ -151,9 +158,10 @@ class LocalPlatform:
         env = self.service_env()
         for name in ("auth_service", "storage_service", "provider_registry", "gateway"):
             self._spawn(name, service_argv(name, self.ports[name]), env, self.ports[name])
-        self._spawn(
-            "scheduler", [sys.executable, "-m", "scheduler.worker"], env, self.ports["scheduler"]
-        )
+        for name in self.scheduler_names:
+            port = self.port(name)
+            scheduler_env = {**env, "GPUMARKET_HTTP_PORT": str(port)}
+            self._spawn(name, [sys.executable, "-m", "scheduler.worker"], scheduler_env, port)
         for proc in self.processes:
             self._wait_healthy(proc)
 

@@ -1,0 +1,84 @@
+"""`gpumarket bench scheduling`: small runs end to end, through each front door."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from gpumarket.bench_scheduling import RESULT_KEYS, percentile
+
+JOBS = 200
+
+
+def test_percentile_is_the_nearest_rank() -> None:
+    values = [float(n) for n in range(1, 101)]
+    assert percentile(values, 0.5) == 50.0
+    assert percentile(values, 0.99) == 99.0
+    assert percentile(values, 1.0) == 100.0
+    assert percentile([7.0], 0.99) == 7.0
+
+
+def run_bench(*args: str) -> dict:
+    result = subprocess.run(
+        [sys.executable, "-m", "gpumarket.cli", "bench", "scheduling",
+         "--providers", "20", "--jobs", str(JOBS), "--schedulers", "2",
+         # Fails loudly (exit 1) well before pytest's timeout if placing stalls.
+         "--timeout", "45", "--decision-machines", "1000", *args],
+        capture_output=True, text=True, timeout=110,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-5000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def check_figures(figures: dict) -> None:
+    assert set(RESULT_KEYS) <= figures.keys()
+    assert figures["providers"] == 20 and figures["jobs"] == JOBS
+    assert figures["schedulers"] == 2
+    # No job lost: every one was assigned, and every daemon's `finished` came back.
+    assert figures["assigned"] == JOBS
+    assert figures["succeeded"] == JOBS
+    assert figures["tasks_answered"] >= JOBS
+    assert figures["daemon_errors"] == 0
+    # More jobs than GPUs: placing them all needed GPUs freed by `finished` events.
+    assert figures["gpus"] < JOBS
+    assert 0 < figures["p50_ms"] <= figures["p99_ms"] <= figures["max_ms"]
+    assert figures["jobs_per_s"] > 0 and figures["jetstream_raw_per_s"] > 0
+    assert figures["ratio"] == pytest.approx(
+        figures["jobs_per_s"] / figures["jetstream_raw_per_s"], rel=0.01, abs=1e-4
+    )
+    # jobs/s counts from the first submit to the last assignment; the slowest job waited
+    # at most that long.
+    assert figures["max_ms"] <= figures["placement_s"] * 1000 + 10
+    assert figures["jobs_per_s"] == pytest.approx(JOBS / figures["placement_s"], rel=0.02)
+    assert set(figures["scheduler_cpu_s"]) == {"scheduler", "scheduler-2"}
+    assert figures["cpu_s"]["schedulers"] > 0 and figures["cpu_s"]["postgres"] > 0
+    assert figures["cpu_s"]["nats"] > 0 and figures["cpu_s"]["daemons"] > 0
+    decision = figures["decision_ms"]["1000"]
+    assert 0 < decision["p50_ms"] <= decision["p99_ms"] <= decision["max_ms"]
+
+
+@pytest.mark.timeout(120)
+def test_via_jetstream() -> None:
+    figures = run_bench("--via", "jetstream")
+    check_figures(figures)
+    assert figures["via"] == "jetstream"
+    assert figures["cpu_s"]["gateway"] < figures["cpu_s"]["schedulers"]
+
+
+@pytest.mark.timeout(120)
+def test_via_gateway() -> None:
+    figures = run_bench("--via", "gateway")
+    check_figures(figures)
+    assert figures["via"] == "gateway" and figures["batch"] == 1
+    assert figures["submit_requests"] == JOBS
+    assert figures["cpu_s"]["gateway"] > 0 and figures["cpu_s"]["auth"] > 0
+
+
+@pytest.mark.timeout(120)
+def test_via_gateway_in_batches() -> None:
+    figures = run_bench("--via", "gateway", "--batch", "50", "--concurrency", "4")
+    check_figures(figures)
+    assert figures["via"] == "gateway" and figures["batch"] == 50
+    assert figures["submit_requests"] == JOBS // 50
+    assert figures["cpu_s"]["gateway"] > 0

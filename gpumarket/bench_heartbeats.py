@@ -176,12 +176,7 @@ def worker_main(argv: list[str] | None = None) -> None:
     if raise_nofile(need) < need:
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         sys.exit(f"worker {args.slot}: fd limit {soft} (hard {hard}) < {need}: more --processes")
-    try:
-        import uvloop  # the load generator's own CPU is CPU the registry does not get
-
-        uvloop.install()
-    except ImportError:
-        pass
+    install_uvloop()
     with Counters.open(args.counters) as counters:
         base = args.slot * N_COUNTERS
         asyncio.run(_run_worker(args.nats_url, providers, args.interval, counters.slots, base))
@@ -605,6 +600,14 @@ def check_fd_limits(providers: int, processes: int) -> None:
         )
     if have < need_worker:
         raise RuntimeError(f"fd limit {have} < {need_worker} per worker: use more --processes")
+
+
+def install_uvloop() -> None:
+    """A load generator's own CPU is CPU the platform under test does not get."""
+    with contextlib.suppress(ImportError):
+        import uvloop
+
+        uvloop.install()
 
 
 def default_processes(providers: int) -> int:

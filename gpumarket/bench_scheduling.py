@@ -76,6 +76,7 @@ from gpumarket.bench_heartbeats import (
     SimProvider,
     Workers,
     insert_fleet,
+    install_uvloop,
     machine_ticks,
     make_fleet,
     proc_stats,
@@ -143,12 +144,7 @@ def worker_main(argv: list[str] | None = None) -> None:
     parser.add_argument("--stats", type=Path, required=True)
     args = parser.parse_args(argv)
     providers = [SimProvider(*row) for row in json.loads(args.fleet.read_text())]
-    try:
-        import uvloop  # the load generator's own CPU is CPU the platform does not get
-
-        uvloop.install()
-    except ImportError:
-        pass
+    install_uvloop()
     with Counters.open(args.counters) as counters:
         daemons = SimulatedDaemons(counters.slots, args.slot * 4)
         asyncio.run(daemons.run(args.nats_url, providers, args.interval))

@@ -152,21 +152,16 @@ async def scheduler_pool(
     started: list = []
 
     async def start(count: int, **settings) -> list:  # type: ignore[no-untyped-def]
+        names = [f"scheduler-{len(started) + n}" for n in range(count)]
         procs = [
-            start_scheduler(
-                f"scheduler-{len(started) + n}",
-                unit_database_url,
-                own_nats.url,
-                tmp_path,
-                **settings,
-            )
-            for n in range(count)
+            start_scheduler(name, unit_database_url, own_nats.url, tmp_path, **settings)
+            for name in names
         ]
         started.extend(p for p, _ in procs)
         async with httpx.AsyncClient() as http:
-            for proc, port in procs:
+            for name, (proc, port) in zip(names, procs, strict=True):
                 for _ in range(200):
-                    assert proc.poll() is None, log_tail(Path(proc.args[0]))
+                    assert proc.poll() is None, log_tail(tmp_path / f"{name}.log")
                     try:
                         if (await http.get(f"http://127.0.0.1:{port}/healthz")).status_code == 200:
                             break

@@ -1,10 +1,12 @@
 """The gateway's provider-side logic: a machine's status as the platform sees it, and
-the owner's drain, resume and leave, shared by the owner's and the daemon's routes."""
+the owner's drain, resume, prices and leave, shared by the owner's and the daemon's
+routes."""
 
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from gateway.clients import ServiceClient
 from gateway.schemas import ProviderStatus, RunningTask
+from provider_registry.schemas import PriceChange
 from scheduler import job_store
 
 
@@ -35,6 +37,12 @@ async def provider_status(
 async def set_drain(registry: ServiceClient, provider_id: str, drain: bool) -> dict:
     action = "drain" if drain else "resume"
     return await registry.request("POST", f"/internal/providers/{provider_id}/{action}")
+
+
+async def set_prices(registry: ServiceClient, provider_id: str, change: PriceChange) -> dict:
+    return await registry.request(
+        "PUT", f"/internal/providers/{provider_id}/prices", json=change.model_dump(mode="json")
+    )
 
 
 async def leave(auth: ServiceClient, registry: ServiceClient, provider_id: str) -> dict:

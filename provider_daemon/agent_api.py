@@ -1,4 +1,5 @@
-"""The gateway's agent API as the daemon uses it: job inputs and presigned transfer URLs."""
+"""The gateway's agent API as the daemon uses it: job inputs and presigned transfer URLs,
+and the owner's commands about this machine (status, drain, prices, leave)."""
 
 import asyncio
 import logging
@@ -175,14 +176,14 @@ class AgentApi:
 
     # --- the machine itself ----------------------------------------------------------
 
-    async def _machine_call(self, method: str, path: str) -> dict[str, Any]:
+    async def _machine_call(self, method: str, path: str, json: Any = None) -> dict[str, Any]:
         """A call about this machine; 401 means the platform cut it off, anything else
         that fails is one clear DaemonError."""
         url = f"{self.api_url}/v1/agent/provider{path}"
         what = f"{method} {url}"
 
         async def call() -> dict[str, Any]:
-            response = await self.client.request(method, url, headers=self._auth)
+            response = await self.client.request(method, url, json=json, headers=self._auth)
             if response.status_code == 401 and "disabled" in _detail(response):
                 raise OwnerDisabled(
                     "the machine's owner account is disabled; it takes no work until an "
@@ -215,6 +216,10 @@ class AgentApi:
 
     async def resume(self) -> dict[str, Any]:
         return await self._machine_call("POST", "/resume")
+
+    async def set_prices(self, prices: dict[str, float]) -> dict[str, Any]:
+        """New prices per GPU-hour by model; answers the machine as the platform has it."""
+        return await self._machine_call("PUT", "/prices", json={"prices": prices})
 
     async def leave(self) -> dict[str, Any]:
         return await self._machine_call("POST", "/leave")

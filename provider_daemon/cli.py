@@ -1,7 +1,9 @@
-"""`provider-daemon join` (enroll this machine, then run) and `provider-daemon run`."""
+"""`provider-daemon join` (enroll this machine, then run), `run`, and the owner's commands
+about a joined machine (status, drain, resume, price, leave)."""
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -25,16 +27,22 @@ from provider_daemon.config import (
     load_config,
     new_machine_id,
     pid_path,
-    read_machine_id,
+    read_previous,
     save_config,
 )
 from provider_daemon.containers import Containers
 from provider_daemon.daemon import Daemon
-from provider_daemon.enroll import build_join_request, join, parse_labels, parse_prices
-from provider_daemon.errors import CredentialRejected, DaemonError
+from provider_daemon.enroll import (
+    build_join_request,
+    join,
+    parse_labels,
+    parse_price_items,
+    parse_prices,
+)
+from provider_daemon.errors import ConfigError, CredentialRejected, DaemonError
 from provider_daemon.gpus import open_gpus
 from provider_daemon.preflight import check_machine
-from provider_daemon.status_view import render
+from provider_daemon.status_view import prices_by_model, render, render_prices
 
 T = TypeVar("T")
 
@@ -47,6 +55,11 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+price_app = typer.Typer(
+    help="This machine's prices per GPU-hour, by GPU model.",
+    no_args_is_help=True,
+)
+app.add_typer(price_app, name="price")
 
 ConfigOption = Annotated[
     Path | None,
@@ -101,8 +114,10 @@ async def enroll_and_run(
     docker_host: str,
     metrics_port: int | None,
 ) -> None:
-    # Re-joining keeps this machine's identity (and its simulated GPUs' UUIDs).
-    machine_id = read_machine_id(config_path) or new_machine_id()
+    # Re-joining keeps this machine's identity (and its simulated GPUs' UUIDs), and the
+    # prices it had for the models that --price does not name.
+    previous = read_previous(config_path)
+    machine_id = previous.machine_id if previous else new_machine_id()
     gpus = await asyncio.to_thread(open_gpus, simulate, machine_id)
     try:
         inventory = gpus.inventory()
@@ -114,7 +129,7 @@ async def enroll_and_run(
         name=name,
         region=region,
         inventory=inventory,
-        prices=parse_prices(prices, inventory),
+        prices=parse_prices(prices, inventory, previous.prices if previous else None),
         labels=parse_labels(labels),
     )
     # Prove the machine can run a container on its GPUs before spending the join token
@@ -165,7 +180,8 @@ def join_command(
         list[str] | None,
         typer.Option(
             "--price",
-            help="MODEL=USD_PER_GPU_HOUR, repeatable (default 0.5 for each model).",
+            help="MODEL=USD_PER_GPU_HOUR, repeatable (default: the price from an earlier "
+            "join or `price set`, else 0.5).",
         ),
     ] = None,
     label: Annotated[
@@ -272,6 +288,65 @@ def resume_command(config: ConfigOption = None) -> None:
         typer.echo("resumed: this machine takes new tasks again")
 
     _main(resume(), quiet=True)
+
+
+@price_app.command("set")
+def price_set_command(
+    items: Annotated[
+        list[str],
+        typer.Argument(
+            metavar="MODEL=USD_PER_GPU_HOUR",
+            help='New prices, e.g. "RTX 4090=0.45"; models not named keep theirs.',
+        ),
+    ],
+    config: ConfigOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="The prices as JSON.")] = False,
+) -> None:
+    """Change this machine's prices per GPU-hour, all or nothing.
+
+    Tasks already placed here keep the price they were placed at."""
+    path = config or default_config_path()
+
+    async def set_prices() -> None:
+        change = parse_price_items(items, option="price set")
+        provider = await _with_agent(path, lambda agent: agent.set_prices(change))
+        _save_prices(path, provider)
+        _show_prices(provider, as_json)
+
+    _main(set_prices(), quiet=True)
+
+
+@price_app.command("show")
+def price_show_command(
+    config: ConfigOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="The prices as JSON.")] = False,
+) -> None:
+    """This machine's prices per GPU-hour as the platform has them."""
+
+    async def show() -> None:
+        status = await _with_agent(config, lambda agent: agent.status())
+        _show_prices(status.provider, as_json)
+
+    _main(show(), quiet=True)
+
+
+def _show_prices(provider: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        typer.echo(json.dumps(prices_by_model(provider), indent=2))
+    else:
+        render_prices(provider, Console())
+
+
+def _save_prices(path: Path, provider: dict[str, Any]) -> None:
+    """Keeps the saved config in step, so joining again keeps these prices."""
+    loaded = load_config(path)
+    loaded.prices = {m: float(p) for m, p in prices_by_model(provider).items()}
+    try:
+        save_config(loaded, path)
+    except OSError as exc:
+        raise ConfigError(
+            f"the platform has the new prices, but {path} could not be updated: {exc.strerror}"
+        ) from None
 
 
 @app.command("leave")

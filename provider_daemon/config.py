@@ -85,12 +85,18 @@ def load_config(path: Path) -> ProviderConfig:
         raise ConfigError(f"invalid provider config {path}: {where}: {first['msg']}") from None
 
 
-def read_machine_id(path: Path) -> str | None:
-    """The machine id of an earlier join, so re-joining keeps this machine's identity."""
+def read_previous(path: Path) -> ProviderConfig | None:
+    """The config of an earlier join, if a readable one is there."""
     try:
-        return load_config(path).machine_id
+        return load_config(path)
     except ConfigError:
         return None
+
+
+def read_machine_id(path: Path) -> str | None:
+    """The machine id of an earlier join, so re-joining keeps this machine's identity."""
+    previous = read_previous(path)
+    return previous.machine_id if previous else None
 
 
 def pid_path(config_path: Path) -> Path:

@@ -25,25 +25,37 @@ class JoinResponse(BaseModel):
     heartbeat_interval_s: float
 
 
-def parse_prices(items: list[str], inventory: Inventory) -> dict[str, float]:
-    """Turns ["MODEL=USD", ...] into a price for every model here (default 0.5 USD/GPU-hour).
+def parse_price_items(items: list[str], option: str = "--price") -> dict[str, float]:
+    """["MODEL=USD", ...] -> {MODEL: USD} as written; each price a non-negative number."""
+    prices: dict[str, float] = {}
+    for item in items:
+        model, sep, value = item.rpartition("=")
+        model = model.strip()
+        if not sep or not model:
+            raise JoinError(f"{option}: {item!r} is not MODEL=USD_PER_GPU_HOUR")
+        try:
+            price = float(value)
+        except ValueError:
+            raise JoinError(f"{option}: {value!r} in {item!r} is not a number") from None
+        if not math.isfinite(price) or price < 0:
+            raise JoinError(f"{option}: {item!r} must be a non-negative number")
+        prices[model] = price
+    return prices
+
+
+def parse_prices(
+    items: list[str], inventory: Inventory, saved: dict[str, float] | None = None
+) -> dict[str, float]:
+    """Turns ["MODEL=USD", ...] into a price for every model here: the one given, else the
+    one `saved` by an earlier join or `price set`, else 0.5 USD/GPU-hour.
 
     Models go by the platform's spelling, so "H100 80GB HBM3=2.5" prices the card NVML
     calls "NVIDIA H100 80GB HBM3".
     """
     models = sorted({canonical_model(g.model) for g in inventory.gpus})
-    prices = dict.fromkeys(models, DEFAULT_PRICE_USD_PER_GPU_HOUR)
-    for item in items:
-        model, sep, value = item.rpartition("=")
-        model = model.strip()
-        if not sep or not model:
-            raise JoinError(f"--price: {item!r} is not MODEL=USD_PER_GPU_HOUR")
-        try:
-            price = float(value)
-        except ValueError:
-            raise JoinError(f"--price: {value!r} in {item!r} is not a number") from None
-        if not math.isfinite(price) or price < 0:
-            raise JoinError(f"--price: {item!r} must be a non-negative number")
+    saved = saved or {}
+    prices = {m: saved.get(m, DEFAULT_PRICE_USD_PER_GPU_HOUR) for m in models}
+    for model, price in parse_price_items(items).items():
         match = next((m for m in models if m == canonical_model(model)), None)
         if match is None:
             raise JoinError(

@@ -1,4 +1,5 @@
-"""`provider-daemon status` for people: the platform's view of this machine as tables."""
+"""`provider-daemon status` and `price` for people: the platform's view of this machine
+as tables."""
 
 from typing import Any
 
@@ -82,3 +83,21 @@ def render(status: ProviderStatus, console: Console) -> None:
             )
         parts.append(tasks)
     console.print(Group(*parts))
+
+
+def prices_by_model(provider: dict[str, Any]) -> dict[str, str]:
+    """{model: USD per GPU-hour} as the platform has them (every GPU of a model has the
+    same price: join and `price set` both price by model)."""
+    return {g["model"]: str(g["price_per_gpu_hour"]) for g in provider["gpus"]}
+
+
+def render_prices(provider: dict[str, Any], console: Console) -> None:
+    table = Table(title="Prices (USD per GPU-hour)", title_justify="left")
+    for column in ("model", "GPUs", "price/h"):
+        table.add_column(column)
+    counts: dict[str, int] = {}
+    for g in provider["gpus"]:
+        counts[g["model"]] = counts.get(g["model"], 0) + 1
+    for model, price in sorted(prices_by_model(provider).items()):
+        table.add_row(model, str(counts[model]), price)
+    console.print(table)

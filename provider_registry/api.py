@@ -10,6 +10,7 @@ from provider_registry import offers, service
 from provider_registry.schemas import (
     OfferFilters,
     OfferPage,
+    PriceChange,
     ProviderOut,
     ProviderRegistration,
     Suspended,
@@ -61,6 +62,16 @@ async def drain(provider_id: str, db=Db) -> ProviderOut:
 async def resume(provider_id: str, request: Request, db=Db) -> ProviderOut:
     async with db.begin() as session:
         out = service.provider_out(await service.set_drain(session, provider_id, False))
+    await request.app.state.nc.publish(subjects.CAPACITY_CHANGED, b"")
+    return out
+
+
+@internal.put("/providers/{provider_id}/prices", response_model=ProviderOut)
+async def set_prices(provider_id: str, body: PriceChange, request: Request, db=Db) -> ProviderOut:
+    async with db.begin() as session:
+        provider = await service.set_prices(session, provider_id, body.prices)
+        out = service.provider_out(provider)
+    # A lower price may bring the machine under a queued job's ceiling.
     await request.app.state.nc.publish(subjects.CAPACITY_CHANGED, b"")
     return out
 

@@ -1,7 +1,7 @@
 import re
 from datetime import datetime
 from decimal import Decimal
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -71,6 +71,17 @@ class MachineSpec(BaseModel):
 class ProviderRegistration(MachineSpec):
     provider_id: SafeStr
     owner_id: SafeStr
+
+
+class PriceChange(BaseModel):
+    """New prices per GPU-hour by GPU model (spelt as at join); the models not named keep
+    theirs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prices: dict[Annotated[SafeStr, Field(min_length=1, max_length=128)], Price] = Field(
+        min_length=1, max_length=64
+    )
 
 
 class GpuOut(BaseModel):

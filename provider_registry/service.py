@@ -7,7 +7,7 @@ from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import selectinload
 
-from common.errors import Conflict, NotFound
+from common.errors import Conflict, Invalid, NotFound
 from common.gpu_models import canonical_model
 from provider_registry.models import (
     CAPACITY_SEQ,
@@ -22,6 +22,8 @@ from provider_registry.models import (
 from provider_registry.schemas import GpuOut, ProviderOut, ProviderRegistration
 
 DEFAULT_PRICE = Decimal("0.50")
+# The scale of the numeric(12, 6) price column, so an answer reads as the row will.
+PRICE_QUANTUM = Decimal("0.000001")
 
 
 async def register_provider(session: AsyncSession, reg: ProviderRegistration) -> Provider:
@@ -207,5 +209,35 @@ async def leave(session: AsyncSession, provider_id: str) -> Provider:
     provider.state = LEFT
     provider.drain_requested = True
     provider.left_at = datetime.now(UTC)
+    await session.flush()
+    return provider
+
+
+async def set_prices(
+    session: AsyncSession, provider_id: str, prices: dict[str, Decimal]
+) -> Provider:
+    """Sets the price per GPU-hour of the machine's GPUs of each named model, all or
+    nothing: a model the machine has no GPU of refuses the whole change. Tasks already
+    placed keep the price they were placed at (the job holds its own copy); schedulers
+    see the new price through the GPU rows' capacity_seq."""
+    provider = await _provider_for_update(session, provider_id)
+    if provider.state == LEFT:
+        raise Conflict("the machine left the platform; join it again", field="provider_id")
+    models = sorted({g.model for g in provider.gpus})
+    wanted: dict[str, Decimal] = {}
+    for given, price in prices.items():
+        model = canonical_model(given)
+        field = f"prices.{given}"
+        if model not in models:
+            raise Invalid(
+                f"no GPU of model {given!r} on this machine (models: {', '.join(models)})",
+                field=field,
+            )
+        if model in wanted and wanted[model] != price:
+            raise Invalid(f"two different prices for model {model!r}", field=field)
+        wanted[model] = price.quantize(PRICE_QUANTUM)
+    for gpu in provider.gpus:
+        if gpu.model in wanted:
+            gpu.price_per_hour = wanted[gpu.model]
     await session.flush()
     return provider

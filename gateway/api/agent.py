@@ -15,7 +15,7 @@ from gateway.schemas import (
 )
 from gateway.security import Agent, current_agent
 from gateway.storage import presign
-from provider_registry.schemas import ProviderOut
+from provider_registry.schemas import PriceChange, ProviderOut
 from scheduler import job_store
 
 router = APIRouter(prefix="/v1/agent", tags=["agent"])
@@ -91,6 +91,16 @@ async def resume(
     agent: Agent = Depends(current_agent), registry: ServiceClient = Depends(deps.registry)
 ) -> dict:
     return await fleet.set_drain(registry, agent.provider_id, False)
+
+
+@router.put("/provider/prices", response_model=ProviderOut)
+async def set_prices(
+    body: PriceChange,
+    agent: Agent = Depends(current_agent),
+    registry: ServiceClient = Depends(deps.registry),
+) -> dict:
+    """New prices per GPU-hour by model for this machine (`provider-daemon price set`)."""
+    return await fleet.set_prices(registry, agent.provider_id, body)
 
 
 @router.post("/provider/leave", response_model=ProviderOut)

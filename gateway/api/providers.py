@@ -10,7 +10,7 @@ from gateway.api import deps
 from gateway.clients import ServiceClient
 from gateway.schemas import JoinRequest, JoinResponse
 from gateway.security import Principal, current_principal, require
-from provider_registry.schemas import OfferFilters, OfferPage, ProviderOut
+from provider_registry.schemas import OfferFilters, OfferPage, PriceChange, ProviderOut
 
 router = APIRouter(tags=["providers"])
 
@@ -123,6 +123,19 @@ async def resume_provider(
 ) -> dict:
     await _owned_provider(registry, provider_id, principal)
     return await fleet.set_drain(registry, provider_id, False)
+
+
+@router.put("/v1/providers/{provider_id}/prices", response_model=ProviderOut)
+async def set_provider_prices(
+    provider_id: str,
+    body: PriceChange,
+    principal: Principal = Depends(require("provider")),
+    registry: ServiceClient = Depends(deps.registry),
+) -> dict:
+    """New prices per GPU-hour by model, `{"prices": {"RTX 4090": 0.45}}`, all or nothing
+    (a model the machine lacks is a 422). Tasks already placed keep their price."""
+    await _owned_provider(registry, provider_id, principal)
+    return await fleet.set_prices(registry, provider_id, body)
 
 
 @router.get("/v1/offers", response_model=OfferPage)

@@ -62,6 +62,10 @@ RULES: dict[tuple[str, str], Rule] = {
     ("POST", "/v1/providers/{provider_id}/credentials/revoke"): Rule("provider", owns="provider"),
     ("POST", "/v1/providers/{provider_id}/drain"): Rule("provider", owns="provider"),
     ("POST", "/v1/providers/{provider_id}/resume"): Rule("provider", owns="provider"),
+    # The price join_machine gave, so the machine stays above every test job's price cap.
+    ("PUT", "/v1/providers/{provider_id}/prices"): Rule(
+        "provider", owns="provider", body={"prices": {"T4": 1000}}
+    ),
     ("GET", "/v1/offers"): Rule(USER),
     ("GET", "/v1/agent/jobs/{job_id}/inputs"): Rule("agent", owns="task", params={"attempt": 0}),
     ("POST", "/v1/agent/jobs/{job_id}/outputs"): Rule(
@@ -70,6 +74,7 @@ RULES: dict[tuple[str, str], Rule] = {
     ("GET", "/v1/agent/provider"): Rule("agent"),
     ("POST", "/v1/agent/provider/drain"): Rule("agent"),
     ("POST", "/v1/agent/provider/resume"): Rule("agent"),
+    ("PUT", "/v1/agent/provider/prices"): Rule("agent", body={"prices": {"T4": 1000}}),
     ("POST", "/v1/agent/provider/leave"): Rule("agent"),
     ("GET", "/v1/admin/users"): Rule("admin"),
     ("POST", "/v1/admin/users/{user_id}/disable"): Rule("admin", owns="user"),

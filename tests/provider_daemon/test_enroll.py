@@ -1,6 +1,12 @@
 import pytest
 
-from provider_daemon.enroll import build_join_request, join, parse_labels, parse_prices
+from provider_daemon.enroll import (
+    build_join_request,
+    join,
+    parse_labels,
+    parse_price_items,
+    parse_prices,
+)
 from provider_daemon.errors import JoinError
 from provider_daemon.gpus import SimulatedGpus
 from tests.provider_daemon.conftest import FakeGateway
@@ -25,6 +31,20 @@ class TestPrices:
     def test_bad_prices(self, item: str, message: str) -> None:
         with pytest.raises(JoinError, match=message):
             parse_prices([item], INVENTORY)
+
+    def test_a_rejoin_keeps_the_saved_prices_unless_given(self) -> None:
+        saved = {"A100": 1.5, "RTX 4090": 0.45, "T4": 0.1}
+        assert parse_prices([], INVENTORY, saved) == {"A100": 1.5, "RTX 4090": 0.45}
+        assert parse_prices(["A100=2"], INVENTORY, saved) == {"A100": 2.0, "RTX 4090": 0.45}
+
+    def test_price_items_as_written(self) -> None:
+        # `price set` leaves matching models to the platform, which knows the machine.
+        assert parse_price_items(["rtx 4090 = 0.45", "A100=1"], option="price set") == {
+            "rtx 4090": 0.45,
+            "A100": 1.0,
+        }
+        with pytest.raises(JoinError, match=r"^price set: 'A100' is not MODEL="):
+            parse_price_items(["A100"], option="price set")
 
 
 def join_body(token: str = "good-token") -> dict:

@@ -126,6 +126,13 @@ async def get_user(session: AsyncSession, user_id: str) -> User:
     return user
 
 
+async def user_by_email(session: AsyncSession, email: str) -> User:
+    user = await session.scalar(select(User).where(User.email == normalize_email(email)))
+    if user is None:
+        raise NotFound(f"no user with email {email}", field="email")
+    return user
+
+
 async def active_user(session: AsyncSession, user_id: str) -> User:
     user = await get_user(session, user_id)
     if user.disabled:

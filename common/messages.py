@@ -68,6 +68,11 @@ class JobEvent(Contract):
     reason: str | None = None
     log_tail: str | None = None
     outputs: list[OutputFile] = Field(default_factory=list)
+    # For finished: when the container started and ended by the daemon's clock (None if
+    # it never ran). The run is billed per second from these, not from `at`, which comes
+    # after the outputs were uploaded.
+    started_at: datetime | None = None
+    ended_at: datetime | None = None
 
 
 class LogBatch(Contract):

@@ -7,7 +7,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from common.discovery import ServiceResolver, consul_name
 from common.service_app import create_service_app, nats_connected
 from common.streams import ensure_streams
-from gateway.api import admin, agent, auth, files, jobs, providers
+from gateway.api import admin, agent, auth, billing, files, jobs, providers
 from gateway.clients import ServiceClient
 from gateway.ratelimit import RateLimiter
 from gateway.security import JwksCache
@@ -53,10 +53,10 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         app.add_middleware(
             CORSMiddleware,
             allow_origins=settings.cors_origins,
-            allow_methods=["GET", "POST", "DELETE"],
+            allow_methods=["GET", "POST", "PUT", "DELETE"],
             allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
             expose_headers=["X-Request-ID", "Retry-After"],
         )
-    for module in (auth, files, jobs, providers, agent, admin):
+    for module in (auth, files, jobs, providers, agent, billing, admin):
         app.include_router(module.router)
     return app

@@ -10,6 +10,7 @@ from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
+from billing.settings import BillingSettings
 from common import subjects
 from common.errors import Invalid
 from common.ids import is_uuid
@@ -34,16 +35,19 @@ async def submit_job(
     storage: ServiceClient,
     owner_id: str,
     spec: JobSpec,
+    billing: BillingSettings,
 ) -> JobOut:
-    """Stores the job (it can't be lost once we answer 202), then publishes a wake-up."""
+    """Stores the job with its hold (it can't be lost once we answer 202), then publishes
+    a wake-up. Credits that don't cover the hold: 402, and nothing is stored."""
     await _check_inputs(storage, owner_id, [("", spec)])
     async with db.begin() as session:
-        job = await job_store.create_job(session, owner_id, spec)
+        job = await job_store.create_job(session, owner_id, spec, billing)
+        [out] = await job_store.jobs_out(session, [job])
     await _wake_scheduler(
         js, job.id, subjects.msg_id(job.id, job.attempt, "submitted"), {"job_id": job.id}
     )
     log.info("job submitted", extra={"job_id": job.id, "owner_id": owner_id})
-    return job_store.job_out(job)
+    return out
 
 
 async def submit_array(
@@ -52,12 +56,14 @@ async def submit_array(
     storage: ServiceClient,
     owner_id: str,
     body: JobArrayRequest,
+    billing: BillingSettings,
 ) -> JobArrayOut:
-    """Stores a whole job array or nothing, then publishes one wake-up for all of it."""
+    """Stores a whole job array with its holds or nothing, then publishes one wake-up."""
     specs, named = _array_specs(body)
     await _check_inputs(storage, owner_id, named)
     async with db.begin() as session:
-        array_id, created = await job_store.create_array(session, owner_id, specs)
+        array_id, created = await job_store.create_array(session, owner_id, specs, billing)
+        outs = await job_store.jobs_out(session, created)
     await _wake_scheduler(
         js, created[0].id, subjects.msg_id(array_id, 0, "array"), {"array_id": array_id}
     )
@@ -65,9 +71,7 @@ async def submit_array(
         "job array submitted",
         extra={"array_id": array_id, "count": len(created), "owner_id": owner_id},
     )
-    return JobArrayOut(
-        array_id=array_id, count=len(created), jobs=[job_store.job_out(j) for j in created]
-    )
+    return JobArrayOut(array_id=array_id, count=len(created), jobs=outs)
 
 
 def _array_specs(body: JobArrayRequest) -> tuple[list[JobSpec], list[tuple[str, JobSpec]]]:
@@ -161,7 +165,9 @@ async def stream_events(
             status = (job.status, job.attempt, job.waiting_reason, job.exit_code)
             if status != last_status:
                 last_status = status
-                yield {"event": "status", "data": job_store.job_out(job).model_dump_json()}
+                async with db() as session:
+                    [out] = await job_store.jobs_out(session, [job])
+                yield {"event": "status", "data": out.model_dump_json()}
             drained = await _drain_logs(sub, poll_s)
             for batch in drained:
                 for line in batch.lines:

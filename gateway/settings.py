@@ -1,7 +1,7 @@
-from common.settings import ServiceSettings
+from billing.settings import BillingSettings
 
 
-class GatewaySettings(ServiceSettings):
+class GatewaySettings(BillingSettings):
     auth_url: str = "http://127.0.0.1:8001"
     storage_url: str = "http://127.0.0.1:8002"
     registry_url: str = "http://127.0.0.1:8003"

@@ -7,6 +7,7 @@ local platform started by `gpumarket up`.
 
 import asyncio
 import json
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
 import typer
@@ -14,6 +15,7 @@ from rich.console import Console
 
 from auth_service import accounts
 from auth_service.settings import AuthSettings
+from billing import funding
 from common.db import make_engine, make_sessionmaker
 from common.errors import DomainError
 from gpumarket.localstack import postgres
@@ -57,6 +59,70 @@ async def create_admin(database_url: str, email: str, password: str) -> dict:
             return {"id": user.id, "email": user.email, "roles": list(user.roles)}
     finally:
         await engine.dispose()
+
+
+async def grant_credits(
+    database_url: str,
+    email: str,
+    amount: Decimal,
+    reference: str | None = None,
+    memo: str | None = None,
+) -> dict:
+    """Credits the user's balance, once per reference."""
+    engine = make_engine(database_url)
+    try:
+        async with make_sessionmaker(engine).begin() as session:
+            user = await accounts.user_by_email(session, email)
+            result = await funding.add_credits(
+                session, user.id, amount, reference=reference, memo=memo
+            )
+    finally:
+        await engine.dispose()
+    return {
+        "user_id": user.id,
+        "email": user.email,
+        "amount": str(amount),
+        "reference": result.reference,
+        "credited": result.credited,
+        "balance": str(result.balance),
+    }
+
+
+def _amount(value: str) -> Decimal:
+    try:
+        amount = Decimal(value)
+    except InvalidOperation:
+        amount = Decimal(0)
+    if not amount.is_finite() or not 0 < amount <= 1_000_000_000 or amount != round(amount, 6):
+        raise typer.BadParameter(
+            "a number of credits above 0, at most 1e9, with up to 6 decimals",
+            param_hint="AMOUNT",
+        )
+    return amount
+
+
+@admin_app.command("credit")
+def credit(
+    email: str = typer.Argument(..., help="The user's email."),
+    amount: str = typer.Argument(..., help="Credits to add, e.g. 25 or 12.50."),
+    reference: str | None = typer.Option(
+        None, help="Credits once per reference (e.g. an invoice number); retries are safe."
+    ),
+    memo: str | None = typer.Option(None, help="A note kept in the ledger."),
+    database_url: str | None = typer.Option(None, envvar="GPUMARKET_DATABASE_URL"),
+    data_dir: Path | None = typer.Option(None, help="A local platform's data dir instead."),
+) -> None:
+    """Tops up a user's credits (there is no payment gateway yet)."""
+    value = _amount(amount)
+    url = _database_url(database_url, data_dir)
+    try:
+        result = asyncio.run(grant_credits(url, email, value, reference, memo))
+    except DomainError as exc:
+        console.print(f"[red]refused:[/] {exc.detail}")
+        raise typer.Exit(2) from exc
+    if not result["credited"]:
+        console.print(f"[yellow]reference {result['reference']} was credited before[/]")
+    console.print_json(data=result)
 
 
 @admin_app.command("create-user")

@@ -15,7 +15,12 @@ from gpumarket.bench_heartbeats import run_heartbeats_bench
 from gpumarket.bench_scheduling import DECISION_MACHINES, BenchError, Via, run_scheduling_bench
 from gpumarket.localstack.process import free_port
 from gpumarket.platform import DEFAULT_SIMULATED_GPUS, LocalPlatform
-from gpumarket.sample import dev_accounts, run_sample_job, start_local_provider
+from gpumarket.sample import (
+    dev_accounts,
+    fund_dev_requester,
+    run_sample_job,
+    start_local_provider,
+)
 
 app = typer.Typer(
     help="GPU marketplace: run it locally, submit and follow jobs.", no_args_is_help=True
@@ -41,6 +46,8 @@ def start_everything(platform: LocalPlatform, console: Console) -> dict[str, dic
         status.update("starting the local provider daemon")
         accounts = dev_accounts(platform.data_dir)
         start_local_provider(platform, accounts["provider"])
+        funded = fund_dev_requester(platform, accounts["requester"])
+    console.print(f"dev requester {funded['email']} has {funded['balance']} credits")
     return accounts
 
 

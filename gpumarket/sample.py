@@ -1,12 +1,15 @@
 """The sample job `gpumarket up` runs once to show the platform working end to end."""
 
+import asyncio
 import json
 import secrets
 import time
+from decimal import Decimal
 from pathlib import Path
 
 from rich.console import Console
 
+from gpumarket.admin import grant_credits
 from gpumarket.client import Client
 from gpumarket.platform import SAMPLE_IMAGE, LocalPlatform
 
@@ -51,6 +54,28 @@ def start_local_provider(
             return
         time.sleep(0.5)
     raise RuntimeError("the local provider did not come online")
+
+
+# The dev requester's credits on a fresh local platform (granted once per data dir).
+DEV_CREDITS = Decimal(1000)
+
+
+def fund_dev_requester(platform: LocalPlatform, account: dict[str, str]) -> dict:
+    """Registers the dev requester and grants it DEV_CREDITS, once: the grant's
+    reference makes a restart change nothing."""
+    assert platform.servers is not None
+    Client(platform.gateway_url).register_or_login(
+        account["email"], account["password"], "requester"
+    )
+    return asyncio.run(
+        grant_credits(
+            platform.servers.postgres.url,
+            account["email"],
+            DEV_CREDITS,
+            reference="dev-welcome",
+            memo="credits for local development",
+        )
+    )
 
 
 def run_sample_job(gateway_url: str, account: dict[str, str], console: Console) -> dict:

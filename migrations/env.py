@@ -8,6 +8,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 # Imported for their side effect: each registers its tables on the shared metadata.
 import auth_service.models  # noqa: F401
+import billing.models  # noqa: F401
 import provider_registry.models  # noqa: F401
 import scheduler.models  # noqa: F401
 import storage_service.models  # noqa: F401

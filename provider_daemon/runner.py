@@ -7,7 +7,8 @@ says whose fault it was, and the container and work dir are always removed.
 import asyncio
 import concurrent.futures
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -61,6 +62,9 @@ class Result:
     outcome: Outcome
     exit_code: int | None = None
     reason: str | None = None
+    # The container's run by this machine's clock: what the requester is billed for.
+    started_at: datetime | None = None
+    ended_at: datetime | None = None
 
 
 class _Stopped(Exception):
@@ -136,6 +140,8 @@ class TaskRun:
             reason=result.reason,
             log_tail=(pump.tail() or None) if pump else None,
             outputs=outputs,
+            started_at=result.started_at,
+            ended_at=result.ended_at,
         )
 
     async def _until_stopped(self, work: Any) -> None:
@@ -201,6 +207,7 @@ class TaskRun:
             await pump.put(None)
             await pump.run()
             return Result("exited", exit_code=code, reason=explain(exc))
+        started_at = datetime.now(UTC)
         self.log.info("container started: %s", task.image)
         await self.deps.publisher.event(task.job_id, task.attempt, "started")
 
@@ -237,6 +244,7 @@ class TaskRun:
                 self.log.info("stopping the container: %s", result.reason)
                 await containers.stop(container, self.deps.stop_grace_s)
                 result.exit_code = await asyncio.wait_for(waiting, self.deps.stop_grace_s + 30)
+            result.started_at, result.ended_at = started_at, datetime.now(UTC)
             await asyncio.wait({pump_task}, timeout=LOG_DRAIN_S)
             return result
         finally:
@@ -266,7 +274,7 @@ class TaskRun:
         except InfrastructureError as exc:
             reason = f"uploading results failed: {exc}"
             if result.outcome == "exited":
-                return Result("infrastructure", result.exit_code, reason), []
+                return replace(result, outcome="infrastructure", reason=reason), []
             self.log.warning("%s", reason)
             return result, []
         self.log.info("uploaded %d output files and the log", len(files))

@@ -20,6 +20,7 @@ class Reservation:
     provider_id: str
     gpu_uuids: list[str]
     price_per_gpu_hour: Decimal
+    gpu_model: str
 
 
 async def reserve_in_pool(
@@ -74,6 +75,7 @@ async def reserve_in_pool(
         provider_id=provider_id,
         gpu_uuids=[r.uuid for r in rows],
         price_per_gpu_hour=max(r.price_per_hour for r in rows),
+        gpu_model=model,
     )
 
 

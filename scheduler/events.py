@@ -9,14 +9,17 @@ brings such a job back.
 
 import logging
 from dataclasses import dataclass
+from datetime import datetime
 
 from sqlalchemy import func
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from billing.settings import BillingSettings
+from billing.settlement import Charged, EndedAttempt
 from common.messages import JobEvent
 from provider_registry import capacity, reliability
-from scheduler import states
+from scheduler import settling, states
 from scheduler.models import Job, JobOutput
 from scheduler.retries import RetryPolicy, requeue_or_fail
 
@@ -30,6 +33,10 @@ class Effect:
     gpus_freed: bool = False
     requeued: bool = False
     new_status: str | None = None
+    # For settlement, in the same transaction: the job the event was for, and its
+    # attempt when the event ended it.
+    job: Job | None = None
+    ended: EndedAttempt | None = None
 
 
 def _outcome_status(event: JobEvent) -> str:
@@ -42,25 +49,63 @@ def _outcome_status(event: JobEvent) -> str:
     return states.FAILED
 
 
+async def apply_events(
+    session: AsyncSession,
+    events: list[tuple[JobEvent, datetime | None]],
+    policy: RetryPolicy,
+    billing: BillingSettings,
+) -> tuple[list[Effect], list[Charged]]:
+    """Applies (event, seen_at) pairs in order, then settles in the same transaction
+    what they ended: the money moves with the state, never apart from it."""
+    effects = [await apply_event(session, event, policy, seen_at) for event, seen_at in events]
+    charged = await settling.settle(
+        session,
+        billing,
+        [effect.job for effect in effects if effect.job is not None],
+        [effect.ended for effect in effects],
+    )
+    return effects, charged
+
+
+def _infrastructure(event: JobEvent) -> bool:
+    return event.type == "rejected" or event.outcome == "infrastructure"
+
+
 async def apply_event(
-    session: AsyncSession, event: JobEvent, policy: RetryPolicy = RetryPolicy()
+    session: AsyncSession,
+    event: JobEvent,
+    policy: RetryPolicy = RetryPolicy(),
+    seen_at: datetime | None = None,
 ) -> Effect:
+    """`seen_at`: when the platform received the event (JetStream's clock); metering
+    checks the daemon's times against it."""
     effect = Effect()
     job = await session.get(Job, event.job_id, with_for_update=True)
     if job is None or job.attempt != event.attempt or job.provider_id != event.provider_id:
         log.info("stale event ignored", extra={"job_id": event.job_id, "type": event.type})
         return effect
 
+    effect.job = job
     if event.type == "accepted" and job.accepted_at is None:
         job.accepted_at = event.at
     elif event.type == "started" and job.status == states.ASSIGNED:
         job.status = states.RUNNING
         job.accepted_at = job.accepted_at or event.at
         job.started_at = event.at
+        job.started_seen_at = seen_at
         effect.new_status = job.status
     elif event.type in ("finished", "rejected"):
         effect.gpus_freed = await capacity.release(session, job.id) > 0
         if job.finished_at is None or job.status in states.ACTIVE:
+            # Before _finish: a requeue forgets the attempt's provider and times.
+            effect.ended = settling.ended_attempt(
+                job,
+                ended_seen_at=seen_at,
+                chargeable=not _infrastructure(event),
+                reason=event.reason,
+                started_at=event.started_at,
+                ended_at=event.ended_at,
+            )
             await _finish(session, job, event, effect, policy)
     return effect
 
@@ -91,7 +136,7 @@ async def _finish(
         # The platform already ended it (cancel, time limit): the container has stopped.
         job.finished_at = event.at
         return
-    infrastructure = event.type == "rejected" or event.outcome == "infrastructure"
+    infrastructure = _infrastructure(event)
     # Once per attempt: a replayed event is stale by now (attempt moved on or job ended).
     await reliability.record_task_outcome(session, event.provider_id, infrastructure)
     retry_reason = None

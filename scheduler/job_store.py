@@ -11,11 +11,14 @@ from decimal import Decimal
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from billing import reports
+from billing.holds import place_holds
+from billing.settings import BillingSettings
 from common.errors import NotFound
 from common.ids import is_uuid
-from scheduler import states
+from scheduler import settling, states
 from scheduler.models import Job, JobOutput
-from scheduler.schemas import JobOut, JobSpec, QueueInfo, Resources
+from scheduler.schemas import JobCost, JobOut, JobSpec, QueueInfo, Resources
 
 
 def output_key(job_id: str, attempt: int, path: str) -> str:
@@ -27,10 +30,17 @@ def log_key(job_id: str, attempt: int) -> str:
 
 
 def new_job(
-    owner_id: str, spec: JobSpec, array_id: str | None = None, array_index: int | None = None
+    owner_id: str,
+    spec: JobSpec,
+    array_id: str | None = None,
+    array_index: int | None = None,
+    billing: BillingSettings | None = None,
 ) -> Job:
+    """A queued job. With `billing`, it gets a price ceiling (the platform's default if
+    the spec has none) and the hold its worst case needs; without, it is never charged."""
     resources = spec.resources
-    return Job(
+    job = Job(
+        id=str(uuid.uuid4()),
         owner_id=owner_id,
         status=states.QUEUED,
         image=spec.image,
@@ -57,18 +67,31 @@ def new_job(
         gpu_uuids=[],
         avoid_providers=[],
     )
+    if billing is not None:
+        job.max_price_per_gpu_hour = settling.price_ceiling(spec.max_price_per_gpu_hour, billing)
+        job.hold_amount = settling.hold_for(job).amount
+    return job
 
 
-async def create_job(session: AsyncSession, owner_id: str, spec: JobSpec) -> Job:
-    job = new_job(owner_id, spec)
+async def create_job(
+    session: AsyncSession, owner_id: str, spec: JobSpec, billing: BillingSettings | None = None
+) -> Job:
+    """Inserts the job and, with `billing`, holds its worst-case cost from the owner's
+    credits (InsufficientFunds, a 402, when they don't cover it)."""
+    job = new_job(owner_id, spec, billing=billing)
     session.add(job)
     await session.flush()
+    if billing is not None:
+        await place_holds(session, owner_id, [settling.hold_for(job)])
     await session.refresh(job, ["created_at"])
     return job
 
 
 async def create_array(
-    session: AsyncSession, owner_id: str, specs: list[JobSpec]
+    session: AsyncSession,
+    owner_id: str,
+    specs: list[JobSpec],
+    billing: BillingSettings | None = None,
 ) -> tuple[str, list[Job]]:
     """Inserts a job array: one job per spec, all with a fresh array id and their index.
 
@@ -79,12 +102,13 @@ async def create_array(
     start = await session.scalar(select(func.now()))
     jobs = []
     for index, spec in enumerate(specs):
-        job = new_job(owner_id, spec, array_id, index)
-        job.id = str(uuid.uuid4())
+        job = new_job(owner_id, spec, array_id, index, billing)
         job.created_at = start + timedelta(microseconds=index)
         jobs.append(job)
     session.add_all(jobs)
     await session.flush()
+    if billing is not None:
+        await place_holds(session, owner_id, [settling.hold_for(job) for job in jobs])
     return array_id, jobs
 
 
@@ -126,9 +150,12 @@ async def list_jobs(
     return list((await session.scalars(query)).all())
 
 
-async def request_cancel(session: AsyncSession, job_id: str, owner_id: str | None) -> Job:
-    """Cancels the job. A queued job ends at once; a running one ends when its daemon
-    confirms the container stopped, which is also when its GPUs are freed."""
+async def request_cancel(
+    session: AsyncSession, job_id: str, owner_id: str | None, billing: BillingSettings
+) -> Job:
+    """Cancels the job. A queued job ends at once and its hold comes back; a running one
+    ends when its daemon confirms the container stopped, which is also when its GPUs are
+    freed and its time is charged."""
     job = await get_job(session, job_id, owner_id)
     job = await session.get(Job, job.id, with_for_update=True, populate_existing=True)
     assert job is not None
@@ -139,6 +166,7 @@ async def request_cancel(session: AsyncSession, job_id: str, owner_id: str | Non
         job.status = states.CANCELLED
         job.waiting_reason = None
         job.finished_at = func.now()
+        await settling.settle(session, billing, [job])
     else:
         # Ends when its daemon confirms the container stopped (lifecycle asks again
         # until it does); the GPUs are held until then.
@@ -172,7 +200,7 @@ def job_resources(job: Job) -> Resources:
     )
 
 
-def job_out(job: Job, queue: QueueInfo | None = None) -> JobOut:
+def job_out(job: Job, queue: QueueInfo | None = None, cost: JobCost | None = None) -> JobOut:
     return JobOut(
         id=job.id,
         status=job.status,
@@ -189,6 +217,8 @@ def job_out(job: Job, queue: QueueInfo | None = None) -> JobOut:
         resources=job_resources(job),
         max_price_per_gpu_hour=job.max_price_per_gpu_hour,
         price_per_gpu_hour=job.price_per_gpu_hour,
+        gpu_model=job.gpu_model,
+        cost=cost,
         max_duration_s=job.max_duration_s,
         priority=job.priority,
         retries=job.retries,
@@ -200,6 +230,15 @@ def job_out(job: Job, queue: QueueInfo | None = None) -> JobOut:
         started_at=job.started_at,
         finished_at=job.finished_at,
     )
+
+
+async def jobs_out(session: AsyncSession, jobs: list[Job]) -> list[JobOut]:
+    """The jobs as the API shows them, with what each cost so far."""
+    costs = await reports.job_costs(
+        session,
+        [reports.JobMoney(job.id, job.hold_amount, job.settled_at is not None) for job in jobs],
+    )
+    return [job_out(job, cost=costs.get(job.id)) for job in jobs]
 
 
 @dataclass(frozen=True)

@@ -21,9 +21,10 @@ from datetime import datetime, timedelta
 from sqlalchemy import Select, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from billing.settings import BillingSettings
 from common.messages import ProviderLost
 from provider_registry import capacity
-from scheduler import states
+from scheduler import settling, states
 from scheduler.models import Job
 from scheduler.retries import PROVIDER_LOST, RetryPolicy, Stopped, requeue_or_fail
 
@@ -43,7 +44,9 @@ async def take_back(
     provider_id = job.provider_id
     if provider_id is None or job.finished_at is not None:
         return None
-    stopped = _stopped(job, provider_id)
+    # The machine's fault: recorded for the bill, charged nothing.
+    ended = settling.ended_attempt(job, ended_seen_at=None, chargeable=False, reason=reason)
+    stopped = Stopped(job.id, job.attempt, provider_id, ended)
     if job.status in states.ACTIVE:
         await requeue_or_fail(
             session,
@@ -71,7 +74,7 @@ async def take_back(
 
 
 async def on_provider_lost(
-    session: AsyncSession, lost: ProviderLost, policy: RetryPolicy
+    session: AsyncSession, lost: ProviderLost, policy: RetryPolicy, billing: BillingSettings
 ) -> list[Stopped]:
     """Every unfinished attempt the provider held when it was lost. Replays are no-ops:
     a job already taken back no longer names this provider."""
@@ -81,7 +84,7 @@ async def on_provider_lost(
         Job.assigned_at <= lost.at,
     )
     ids = set((await session.scalars(held)).all()) | set(lost.job_ids)
-    stopped = []
+    stopped, jobs = [], []
     for job_id in sorted(ids):  # one lock order for every writer of many jobs
         job = await session.get(Job, job_id, with_for_update=True)
         if job is None or job.provider_id != lost.provider_id:
@@ -89,6 +92,8 @@ async def on_provider_lost(
         taken = await take_back(session, job, "the provider stopped sending heartbeats", policy)
         if taken is not None:
             stopped.append(taken)
+            jobs.append(job)
+    await settling.settle(session, billing, jobs, [s.ended for s in stopped])
     return stopped
 
 
@@ -96,10 +101,12 @@ async def _each_locked(
     sessionmaker: async_sessionmaker,
     query: Select,
     act: Callable[[AsyncSession, Job], Awaitable[Stopped | None]],
+    billing: BillingSettings,
 ) -> list[Stopped]:
     """Runs `act` on each job the query finds, one short transaction per job: the job
     is locked again (SKIP LOCKED: another replica has it) and the query's conditions
-    re-checked, so a job that moved on meanwhile is left alone."""
+    re-checked, so a job that moved on meanwhile is left alone. A job `act` ends is
+    settled in the same transaction."""
     async with sessionmaker() as session:
         job_ids = list((await session.scalars(query.with_only_columns(Job.id))).all())
     stopped = []
@@ -110,11 +117,16 @@ async def _each_locked(
             )
             if job is not None and (taken := await act(session, job)) is not None:
                 stopped.append(taken)
+                await settling.settle(session, billing, [job], [taken.ended])
     return stopped
 
 
 async def expire_unaccepted(
-    sessionmaker: async_sessionmaker, now: datetime, accept_timeout_s: float, policy: RetryPolicy
+    sessionmaker: async_sessionmaker,
+    now: datetime,
+    accept_timeout_s: float,
+    policy: RetryPolicy,
+    billing: BillingSettings,
 ) -> list[Stopped]:
     """Tasks whose daemon did not say `accepted` within the deadline."""
     query = select(Job).where(
@@ -129,11 +141,11 @@ async def expire_unaccepted(
     async def take(session: AsyncSession, job: Job) -> Stopped | None:
         return await take_back(session, job, reason, policy)
 
-    return await _each_locked(sessionmaker, query, take)
+    return await _each_locked(sessionmaker, query, take, billing)
 
 
 async def expire_overdue(
-    sessionmaker: async_sessionmaker, now: datetime, grace_s: float
+    sessionmaker: async_sessionmaker, now: datetime, grace_s: float, billing: BillingSettings
 ) -> list[Stopped]:
     """Attempts past max_duration_s (plus a grace for the daemon to report it itself)."""
     began = func.coalesce(Job.started_at, Job.accepted_at, Job.assigned_at)
@@ -155,7 +167,7 @@ async def expire_overdue(
         )
         return _stopped(job, job.provider_id)
 
-    return await _each_locked(sessionmaker, query, time_out)
+    return await _each_locked(sessionmaker, query, time_out, billing)
 
 
 async def unconfirmed_stops(

@@ -61,6 +61,12 @@ class Job(Base):
         Index("ix_jobs_array", "array_id", "array_index"),
         # The recent placement rate, for a queued job's estimated start.
         Index("ix_jobs_assigned_at", "assigned_at"),
+        # Finished jobs whose hold is not settled yet (the settlement sweep).
+        Index(
+            "ix_jobs_unsettled",
+            "finished_at",
+            postgresql_where=text("settled_at IS NULL AND hold_amount IS NOT NULL"),
+        ),
     )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=lambda: str(uuid.uuid4()))
@@ -93,6 +99,10 @@ class Job(Base):
     provider_id: Mapped[str | None] = mapped_column(String(36), index=True)
     gpu_uuids: Mapped[list[str]] = mapped_column(JSONB, default=list)
     price_per_gpu_hour: Mapped[Decimal | None] = mapped_column(Numeric(12, 6))
+    gpu_model: Mapped[str | None] = mapped_column(String(128))
+    # Set aside from the owner's credits at submission (billing/holds.py); null for jobs
+    # submitted before billing existed, which are never charged.
+    hold_amount: Mapped[Decimal | None] = mapped_column(Numeric(20, 6))
     # Providers an infrastructure fault happened on; a retry avoids them.
     avoid_providers: Mapped[list[str]] = mapped_column(JSONB, default=list)
     exit_code: Mapped[int | None] = mapped_column(Integer)
@@ -105,9 +115,14 @@ class Job(Base):
     assigned_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     accepted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # When the platform received `started` (JetStream's clock): metering checks the
+    # daemon's times against it.
+    started_seen_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     # When the platform asked the daemon to stop it (cancel or time limit).
     stop_requested_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # When its hold was settled (charges made, the rest released): once per job.
+    settled_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class JobOutput(Base):

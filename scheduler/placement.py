@@ -167,6 +167,7 @@ class Placer:
                 job.provider_id = reservation.provider_id
                 job.gpu_uuids = reservation.gpu_uuids
                 job.price_per_gpu_hour = reservation.price_per_gpu_hour
+                job.gpu_model = reservation.gpu_model
                 job.assigned_at = now
                 result.placements.append(
                     Placement(provider_id=reservation.provider_id, task=task_for(job, reservation))
@@ -216,5 +217,6 @@ async def unassign(session: AsyncSession, job_id: str, attempt: int, reason: str
     job.provider_id = None
     job.gpu_uuids = []
     job.price_per_gpu_hour = None
+    job.gpu_model = None
     job.assigned_at = None
     job.waiting_reason = reason

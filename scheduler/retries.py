@@ -6,12 +6,13 @@ exit code the job asked to retry on. One place decides the backoff, what the nex
 attempt avoids, and how the job ends when no retry is left.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import func
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from billing.settlement import EndedAttempt
 from provider_registry import capacity
 from scheduler import states
 from scheduler.models import Job
@@ -36,6 +37,8 @@ class Stopped:
     job_id: str
     attempt: int
     provider_id: str
+    # The attempt for settlement, when it ended here (not billed: not the user's fault).
+    ended: EndedAttempt | None = field(default=None, compare=False)
 
 
 async def requeue_or_fail(
@@ -67,9 +70,11 @@ async def requeue_or_fail(
     job.provider_id = None
     job.gpu_uuids = []
     job.price_per_gpu_hour = None
+    job.gpu_model = None
     job.assigned_at = None
     job.accepted_at = None
     job.started_at = None
+    job.started_seen_at = None
     job.stop_requested_at = None
     job.exit_code = None
     delay = policy.delay_s(job.attempt)

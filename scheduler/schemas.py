@@ -7,6 +7,7 @@ from pathlib import PurePosixPath
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from billing.schemas import JobCost
 from common.types import LABEL_KEY_PATTERN, VERSION_PATTERN, SafeStr
 
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -125,8 +126,14 @@ class JobOut(BaseModel):
     image: str
     command: list[str]
     resources: Resources
-    max_price_per_gpu_hour: Decimal | None
+    max_price_per_gpu_hour: Decimal | None = Field(
+        description="the price ceiling; the platform's default when the spec gave none"
+    )
     price_per_gpu_hour: Decimal | None
+    gpu_model: str | None = None
+    cost: JobCost | None = Field(
+        default=None, description="credits held, charged and released (null: not billed)"
+    )
     max_duration_s: int
     priority: int
     retries: int

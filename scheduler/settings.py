@@ -1,7 +1,7 @@
-from common.settings import ServiceSettings
+from billing.settings import BillingSettings
 
 
-class SchedulerSettings(ServiceSettings):
+class SchedulerSettings(BillingSettings):
     http_host: str = "127.0.0.1"
     http_port: int = 8004
     # A placement pass runs at least this often, and at once on a new job or freed GPUs.
@@ -20,6 +20,8 @@ class SchedulerSettings(ServiceSettings):
     # further behind than this many messages (a late `accepted` is not a dead daemon).
     events_backlog_limit: int = 500
     overdue_grace_s: float = 30.0
+    # A finished job still unsettled after this long is settled by the lifecycle sweep.
+    settle_after_s: float = 30.0
     stop_resend_s: float = 30.0
     # Backoff before attempt n (n >= 1): retry_backoff_s x 2^(n-1), at most the max.
     retry_backoff_s: float = 2.0

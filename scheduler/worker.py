@@ -11,7 +11,8 @@ import logging
 import signal
 import time
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 
 import nats
 import uvicorn
@@ -23,6 +24,7 @@ from pydantic import ValidationError
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
+from billing.metrics import count_charges
 from common import subjects
 from common.aio import wait_event
 from common.db import check_database, make_engine, make_sessionmaker
@@ -32,8 +34,8 @@ from common.logging import configure_logging
 from common.messages import JobEvent, ProviderLost, TaskCancel
 from common.service_app import register_in_consul
 from common.streams import ensure_streams
-from scheduler import lifecycle, placement, states
-from scheduler.events import apply_event
+from scheduler import lifecycle, placement, settling, states
+from scheduler.events import apply_events
 from scheduler.fleet_index import FleetIndex, Weights
 from scheduler.models import Job
 from scheduler.retries import RetryPolicy, Stopped
@@ -58,6 +60,21 @@ TAKEN_BACK = Counter(
     ["reason"],
 )
 PROVIDER_LOSSES = Counter("scheduler_provider_losses_total", "provider.lost events handled")
+
+
+@dataclass(frozen=True)
+class Delivery:
+    data: bytes
+    # When JetStream stored the message: the platform's clock for what it reports.
+    at: datetime
+
+
+def _delivery(msg) -> Delivery:  # type: ignore[no-untyped-def]
+    try:
+        at = msg.metadata.timestamp
+    except Exception:  # not a JetStream message (tests); now is the next best clock
+        at = datetime.now(UTC)
+    return Delivery(msg.data, at if at.tzinfo else at.replace(tzinfo=UTC))
 
 
 class Scheduler:
@@ -153,22 +170,23 @@ class Scheduler:
             },
         )
 
-    async def on_job_submitted(self, _: list[bytes]) -> None:
+    async def on_job_submitted(self, _: list[Delivery]) -> None:
         self.wake.set()
 
-    async def on_events(self, batch: list[bytes]) -> None:
+    async def on_events(self, batch: list[Delivery]) -> None:
         events = []
-        for data in batch:
+        for delivery in batch:
             try:
-                events.append(JobEvent.model_validate_json(data))
+                events.append((JobEvent.model_validate_json(delivery.data), delivery.at))
             except ValidationError:
                 log.warning("invalid job event dropped")
         # One lock order (by job) for every replica; a job's own events keep their order.
-        events.sort(key=lambda e: e.job_id)
+        events.sort(key=lambda e: e[0].job_id)
         async with self.sessionmaker.begin() as session:
-            effects = [(e, await apply_event(session, e, self.policy)) for e in events]
+            effects, charged = await apply_events(session, events, self.policy, self.settings)
+        count_charges(charged)
         wake = False
-        for event, effect in effects:
+        for (event, _), effect in zip(events, effects, strict=True):
             EVENTS.labels(event.type).inc()
             if effect.requeued:
                 TAKEN_BACK.labels("task failed").inc()
@@ -183,9 +201,9 @@ class Scheduler:
         if wake:
             self.wake.set()
 
-    async def on_provider_lost(self, batch: list[bytes]) -> None:
-        for data in batch:
-            await self._provider_lost(data)
+    async def on_provider_lost(self, batch: list[Delivery]) -> None:
+        for delivery in batch:
+            await self._provider_lost(delivery.data)
 
     async def _provider_lost(self, data: bytes) -> None:
         try:
@@ -194,7 +212,7 @@ class Scheduler:
             log.warning("invalid provider.lost message dropped")
             return
         async with self.sessionmaker.begin() as session:
-            stopped = await lifecycle.on_provider_lost(session, lost, self.policy)
+            stopped = await lifecycle.on_provider_lost(session, lost, self.policy, self.settings)
         PROVIDER_LOSSES.inc()
         TAKEN_BACK.labels("provider lost").inc(len(stopped))
         log.warning(
@@ -232,11 +250,17 @@ class Scheduler:
         backlog = await self._events_backlog()
         if backlog is not None and backlog <= settings.events_backlog_limit:
             unaccepted = await lifecycle.expire_unaccepted(
-                self.sessionmaker, now, settings.accept_timeout_s, self.policy
+                self.sessionmaker, now, settings.accept_timeout_s, self.policy, settings
             )
         else:
             log.info("events backlog; accept deadlines wait", extra={"backlog": backlog})
-        overdue = await lifecycle.expire_overdue(self.sessionmaker, now, settings.overdue_grace_s)
+        overdue = await lifecycle.expire_overdue(
+            self.sessionmaker, now, settings.overdue_grace_s, settings
+        )
+        # Backstop for a job some path ended without settling: its hold comes back.
+        await settling.settle_stragglers(
+            self.sessionmaker, settings, now - timedelta(seconds=settings.settle_after_s)
+        )
         async with self.sessionmaker() as session:
             unconfirmed = await lifecycle.unconfirmed_stops(session, now, settings.stop_resend_s)
             QUEUE_DEPTH.set(
@@ -274,7 +298,7 @@ async def consume(
     subject: str,
     durable: str,
     stream: str,
-    handle: Callable[[list[bytes]], Awaitable[None]],
+    handle: Callable[[list[Delivery]], Awaitable[None]],
     stop: asyncio.Event,
 ) -> None:
     """Pulls from a durable consumer shared by every replica; acks after handling.
@@ -294,7 +318,7 @@ async def consume(
                 await asyncio.sleep(1)
                 continue
             try:
-                await handle([msg.data for msg in msgs])
+                await handle([_delivery(msg) for msg in msgs])
             except Exception:
                 if len(msgs) == 1:
                     log.exception("handling failed; message will be redelivered")
@@ -303,7 +327,7 @@ async def consume(
                 log.warning("batch failed; handling its messages one by one", exc_info=True)
                 for msg in msgs:
                     try:
-                        await handle([msg.data])
+                        await handle([_delivery(msg)])
                     except Exception:
                         log.exception("handling failed; message will be redelivered")
                         await msg.nak(delay=2)

@@ -3,6 +3,7 @@
 from fastapi import Request
 from nats.js import JetStreamContext
 
+from billing.settings import BillingSettings
 from common.service_app import get_sessionmaker
 from gateway.clients import ServiceClient
 
@@ -24,3 +25,7 @@ def storage(request: Request) -> ServiceClient:
 
 def registry(request: Request) -> ServiceClient:
     return request.app.state.registry
+
+
+def billing(request: Request) -> BillingSettings:
+    return request.app.state.settings

@@ -7,6 +7,7 @@ from nats.js import JetStreamContext
 from sqlalchemy.ext.asyncio import async_sessionmaker
 from sse_starlette.sse import EventSourceResponse
 
+from billing.settings import BillingSettings
 from common import subjects
 from common.messages import TaskCancel
 from gateway import jobs
@@ -28,8 +29,11 @@ async def submit_job(
     db: async_sessionmaker = Depends(deps.db),
     js: JetStreamContext = Depends(deps.js),
     storage: ServiceClient = Depends(deps.storage),
+    billing: BillingSettings = Depends(deps.billing),
 ) -> JobOut:
-    return await jobs.submit_job(db, js, storage, principal.id, spec)
+    """Queues the job and holds its worst case (GPUs x price ceiling x max_duration_s)
+    from the requester's credits; 402 says how much is missing."""
+    return await jobs.submit_job(db, js, storage, principal.id, spec, billing)
 
 
 @router.post("/v1/jobs/batch", status_code=status.HTTP_202_ACCEPTED, response_model=JobArrayOut)
@@ -39,10 +43,11 @@ async def submit_job_array(
     db: async_sessionmaker = Depends(deps.db),
     js: JetStreamContext = Depends(deps.js),
     storage: ServiceClient = Depends(deps.storage),
+    billing: BillingSettings = Depends(deps.billing),
 ) -> JobArrayOut:
     """A job array: `{"jobs": [spec, ...]}` or `{"template": spec, "count": n}`, up to
-    1,000 jobs, accepted all together or not at all."""
-    return await jobs.submit_array(db, js, storage, principal.id, body)
+    1,000 jobs, accepted all together or not at all (402 if the holds aren't covered)."""
+    return await jobs.submit_array(db, js, storage, principal.id, body, billing)
 
 
 @router.get("/v1/jobs", response_model=list[JobOut])
@@ -61,7 +66,7 @@ async def list_jobs(
             limit,
             array_id=str(array) if array is not None else None,
         )
-    return [job_store.job_out(j) for j in rows]
+        return await job_store.jobs_out(session, rows)
 
 
 @router.get("/v1/jobs/{job_id}", response_model=JobOut)
@@ -71,7 +76,9 @@ async def get_job(
     """The job; a queued one says where it stands (`queue`: an estimate)."""
     async with db() as session:
         job = await job_store.get_job(session, job_id, principal.owner_filter())
-        return job_store.job_out(job, await queue_info.queue_info(session, job))
+        [out] = await job_store.jobs_out(session, [job])
+        out.queue = await queue_info.queue_info(session, job)
+        return out
 
 
 @router.get("/v1/jobs/{job_id}/events")
@@ -118,9 +125,11 @@ async def cancel_job(
     principal: Principal = Requester,
     db: async_sessionmaker = Depends(deps.db),
     js: JetStreamContext = Depends(deps.js),
+    billing: BillingSettings = Depends(deps.billing),
 ) -> JobOut:
     async with db.begin() as session:
-        job = await job_store.request_cancel(session, job_id, principal.owner_filter())
+        job = await job_store.request_cancel(session, job_id, principal.owner_filter(), billing)
+        [out] = await job_store.jobs_out(session, [job])
     if job.provider_id is not None and job.finished_at is None:
         cancel = TaskCancel(job_id=job.id, attempt=job.attempt)
         await js.publish(
@@ -128,4 +137,4 @@ async def cancel_job(
             cancel.model_dump_json().encode(),
             headers={"Nats-Msg-Id": subjects.msg_id(job.id, job.attempt, "cancel")},
         )
-    return job_store.job_out(job)
+    return out

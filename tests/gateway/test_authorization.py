@@ -76,6 +76,13 @@ RULES: dict[tuple[str, str], Rule] = {
     ("POST", "/v1/agent/provider/resume"): Rule("agent"),
     ("PUT", "/v1/agent/provider/prices"): Rule("agent", body={"prices": {"T4": 1000}}),
     ("POST", "/v1/agent/provider/leave"): Rule("agent"),
+    ("GET", "/v1/billing/balance"): Rule(USER),
+    ("GET", "/v1/billing/ledger"): Rule(USER),
+    ("GET", "/v1/billing/earnings"): Rule("provider"),
+    ("POST", "/v1/admin/billing/credits"): Rule(
+        "admin", body={"user_id": "00000000-0000-0000-0000-000000000000", "amount": 1}
+    ),
+    ("GET", "/v1/admin/billing/totals"): Rule("admin"),
     ("GET", "/v1/admin/users"): Rule("admin"),
     ("POST", "/v1/admin/users/{user_id}/disable"): Rule("admin", owns="user"),
     ("POST", "/v1/admin/users/{user_id}/enable"): Rule("admin", owns="user"),
@@ -237,8 +244,8 @@ def test_the_rightful_caller_gets_in(
     platform: LocalPlatform, world: World, method: str, path: str
 ) -> None:
     rule = RULES[(method, path)]
-    if path in ("/v1/auth/logout", "/v1/admin/signing-keys/rotate"):
-        pytest.skip("ends the shared session / covered in test_auth_api")
+    if path in ("/v1/auth/logout", "/v1/admin/signing-keys/rotate", "/v1/admin/billing/credits"):
+        pytest.skip("ends the shared session / covered in test_auth_api and test_billing_api")
     target = path
     if rule.owns is not None:
         target = fill(path, world.own[rule.owns])

@@ -15,6 +15,7 @@ from gpumarket.client import ApiError, Client
 from gpumarket.platform import SAMPLE_IMAGE, LocalPlatform
 from scheduler import job_store
 from tests.fixtures.platform import new_user
+from tests.scheduler.placing import BILLING
 
 MISSING_FILE = "00000000-0000-0000-0000-000000000000"
 
@@ -60,7 +61,7 @@ def cancel_all(platform: LocalPlatform, job_ids: list[str]) -> None:
         try:
             async with make_sessionmaker(engine).begin() as session:
                 for job_id in job_ids:
-                    job = await job_store.request_cancel(session, job_id, None)
+                    job = await job_store.request_cancel(session, job_id, None, BILLING)
                     assert job.provider_id is None, "an array job of this test was placed"
         finally:
             await engine.dispose()

@@ -38,3 +38,30 @@ def test_without_a_database_it_says_what_to_set() -> None:
     )
     assert result.exit_code == 2
     assert "GPUMARKET_DATABASE_URL" in result.output
+
+
+def credit(database_url: str, *args: str):  # type: ignore[no-untyped-def]
+    return CliRunner().invoke(
+        app, ["admin", "credit", *args], env={"GPUMARKET_DATABASE_URL": database_url}
+    )
+
+
+def test_credit_tops_up_once_per_reference(unit_database_url: str) -> None:
+    made = create_user(unit_database_url, "payer@example.com", "correct-horse-battery")
+    assert made.exit_code == 0, made.output
+    first = credit(unit_database_url, "payer@example.com", "25.5", "--reference", "inv-7")
+    assert first.exit_code == 0, first.output
+    result = json.loads(first.output)
+    assert (result["credited"], result["balance"]) == (True, "25.500000")
+    again = credit(unit_database_url, "payer@example.com", "25.5", "--reference", "inv-7")
+    assert again.exit_code == 0 and "credited before" in again.output
+    more = credit(unit_database_url, "PAYER@example.com", "4.5")
+    assert json.loads(more.output)["balance"] == "30.000000"
+
+
+def test_credit_refuses_a_bad_amount_or_an_unknown_user(unit_database_url: str) -> None:
+    for amount in ("0", "-5", "abc", "1.0000001", "NaN"):
+        refused = credit(unit_database_url, "--", "payer@example.com", amount)
+        assert refused.exit_code == 2 and "AMOUNT" in refused.output, amount
+    unknown = credit(unit_database_url, "nobody@example.com", "5")
+    assert unknown.exit_code == 2 and "no user with email" in unknown.output

@@ -4,6 +4,7 @@ import uuid
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from billing.settings import BillingSettings
 from scheduler import job_store
 from scheduler.fleet_index import FleetIndex, Weights
 from scheduler.models import Job
@@ -13,6 +14,8 @@ from scheduler.schemas import JobSpec
 
 # Retries wait no backoff in these tests unless they say otherwise.
 NO_BACKOFF = RetryPolicy(backoff_s=0, backoff_max_s=0)
+# The platform's default money rules.
+BILLING = BillingSettings(dev_mode=True)
 
 
 def placer(

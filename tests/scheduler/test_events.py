@@ -13,7 +13,7 @@ from scheduler.events import apply_event
 from scheduler.models import JobOutput
 from scheduler.retries import RetryPolicy
 from tests.provider_registry.factories import create_provider
-from tests.scheduler.placing import NO_BACKOFF, load, place, submit
+from tests.scheduler.placing import BILLING, NO_BACKOFF, load, place, submit
 
 
 async def placed_job(db: async_sessionmaker, retries: int = 2, **kw):  # type: ignore[no-untyped-def]
@@ -174,7 +174,7 @@ class TestApplyEvent:
         job_id, provider_id = await placed_job(db)
         await apply(db, event(job_id, provider_id, "started"))
         async with db.begin() as session:
-            job = await job_store.request_cancel(session, job_id, None)
+            job = await job_store.request_cancel(session, job_id, None, BILLING)
         assert job.status == states.CANCELLED and job.finished_at is None
         assert await free_gpus(db) == 0
         await apply(db, event(job_id, provider_id, "finished", exit_code=137, outcome="cancelled"))
@@ -185,7 +185,7 @@ class TestApplyEvent:
     async def test_late_events_do_not_revive_a_cancelled_job(self, db: async_sessionmaker) -> None:
         job_id, provider_id = await placed_job(db)
         async with db.begin() as session:
-            await job_store.request_cancel(session, job_id, None)
+            await job_store.request_cancel(session, job_id, None, BILLING)
         await apply(db, event(job_id, provider_id, "accepted"))
         await apply(db, event(job_id, provider_id, "started"))
         assert (await load(db, job_id)).status == states.CANCELLED

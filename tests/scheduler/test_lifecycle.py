@@ -10,7 +10,7 @@ from provider_registry.models import Gpu
 from scheduler import job_store, lifecycle, states
 from scheduler.models import Job
 from tests.provider_registry.factories import create_provider
-from tests.scheduler.placing import NO_BACKOFF, load, place, submit
+from tests.scheduler.placing import BILLING, NO_BACKOFF, load, place, submit
 from tests.scheduler.test_events import apply, event
 
 
@@ -38,7 +38,7 @@ async def lose(db: async_sessionmaker, provider_id: str, job_ids: list[str]):  #
         job_ids=job_ids,
     )
     async with db.begin() as session:
-        return await lifecycle.on_provider_lost(session, lost, NO_BACKOFF)
+        return await lifecycle.on_provider_lost(session, lost, NO_BACKOFF, BILLING)
 
 
 async def backdate(db: async_sessionmaker, job_id: str, **columns) -> None:  # type: ignore[no-untyped-def]
@@ -72,7 +72,7 @@ class TestProviderLost:
     async def test_a_cancelled_job_on_a_lost_provider_ends(self, db: async_sessionmaker) -> None:
         job_id, provider_id = await one_placed(db)
         async with db.begin() as session:
-            await job_store.request_cancel(session, job_id, None)
+            await job_store.request_cancel(session, job_id, None, BILLING)
         await lose(db, provider_id, [job_id])
         job = await load(db, job_id)
         assert job.status == states.CANCELLED and job.finished_at is not None
@@ -83,8 +83,10 @@ class TestDeadlines:
     async def test_a_task_nobody_accepts_goes_elsewhere(self, db: async_sessionmaker) -> None:
         job_id, provider_id = await one_placed(db, machines=2)
         now = datetime.now(UTC)
-        assert await lifecycle.expire_unaccepted(db, now, 30, NO_BACKOFF) == []
-        stopped = await lifecycle.expire_unaccepted(db, now + timedelta(seconds=31), 30, NO_BACKOFF)
+        assert await lifecycle.expire_unaccepted(db, now, 30, NO_BACKOFF, BILLING) == []
+        stopped = await lifecycle.expire_unaccepted(
+            db, now + timedelta(seconds=31), 30, NO_BACKOFF, BILLING
+        )
         assert [s.provider_id for s in stopped] == [provider_id]
         job = await load(db, job_id)
         assert job.status == states.QUEUED and job.avoid_providers == [provider_id]
@@ -94,7 +96,7 @@ class TestDeadlines:
         job_id, provider_id = await one_placed(db)
         await apply(db, event(job_id, provider_id, "accepted"))
         later = datetime.now(UTC) + timedelta(hours=1)
-        assert await lifecycle.expire_unaccepted(db, later, 30, NO_BACKOFF) == []
+        assert await lifecycle.expire_unaccepted(db, later, 30, NO_BACKOFF, BILLING) == []
         assert (await load(db, job_id)).accepted_at is not None
 
     async def test_a_run_past_its_time_limit_times_out_and_frees_gpus_when_stopped(
@@ -103,8 +105,10 @@ class TestDeadlines:
         job_id, provider_id = await one_placed(db)
         await apply(db, event(job_id, provider_id, "started"))
         now = datetime.now(UTC)
-        assert await lifecycle.expire_overdue(db, now, grace_s=30) == []
-        [stopped] = await lifecycle.expire_overdue(db, now + timedelta(seconds=91), grace_s=30)
+        assert await lifecycle.expire_overdue(db, now, grace_s=30, billing=BILLING) == []
+        [stopped] = await lifecycle.expire_overdue(
+            db, now + timedelta(seconds=91), grace_s=30, billing=BILLING
+        )
         assert stopped.provider_id == provider_id
         job = await load(db, job_id)
         assert job.status == states.TIMED_OUT and job.finished_at is None
@@ -133,7 +137,7 @@ class TestCancel:
         await apply(db, event(running.id, provider_id, "started"))
         for job in (queued, assigned, running):
             async with db.begin() as session:
-                out = await job_store.request_cancel(session, job.id, None)
+                out = await job_store.request_cancel(session, job.id, None, BILLING)
             assert out.status == states.CANCELLED
         assert (await load(db, queued.id)).finished_at is not None
         # The two on the machine wait for the daemon to confirm the stop.
@@ -147,5 +151,5 @@ class TestCancel:
             assert loaded.status == states.CANCELLED and loaded.finished_at is not None
         # Cancelling a finished job changes nothing.
         async with db.begin() as session:
-            again = await job_store.request_cancel(session, running.id, None)
+            again = await job_store.request_cancel(session, running.id, None, BILLING)
         assert again.status == states.CANCELLED

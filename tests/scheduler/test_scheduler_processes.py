@@ -32,7 +32,7 @@ from provider_registry.models import OFFLINE, Gpu, Provider
 from scheduler import job_store, states
 from scheduler.models import Job
 from tests.provider_registry.factories import create_provider
-from tests.scheduler.placing import spec
+from tests.scheduler.placing import BILLING, spec
 
 JOBS = 1500
 MACHINES = 25
@@ -293,7 +293,7 @@ async def test_lost_provider_time_limit_and_cancel_through_the_process(
         # A cancel whose message never went out (as if the gateway crashed right after the
         # commit) still reaches the daemon: the scheduler asks again.
         async with db.begin() as session:
-            await job_store.request_cancel(session, hung.id, None)
+            await job_store.request_cancel(session, hung.id, None, BILLING)
         cancelled = await wait_for_job(db, hung.id, lambda j: j.finished_at is not None, "cancel")
         assert cancelled.status == states.CANCELLED
     finally:

@@ -1,0 +1,125 @@
+"""Posting to the double-entry ledger. Functions take the session; the caller owns the
+transaction, and locks the accounts it moves money between (`lock`) before deciding."""
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from decimal import ROUND_HALF_UP, Decimal
+
+from sqlalchemy import select, tuple_
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from billing.models import Account, Entry, Transfer
+
+CREDIT_STEP = Decimal("0.000001")
+
+
+def credits(amount: Decimal) -> Decimal:
+    """Rounded to the ledger's precision, half up."""
+    return amount.quantize(CREDIT_STEP, rounding=ROUND_HALF_UP)
+
+
+def show(amount: Decimal) -> str:
+    """For people: at least cents, more only where they count ("12.00", "0.004167")."""
+    text = f"{credits(amount):f}".rstrip("0")
+    whole, _, fraction = text.partition(".")
+    return f"{whole}.{fraction.ljust(2, '0')}"
+
+
+AccountKey = tuple[str, str]  # (kind, owner_id)
+
+
+@dataclass(frozen=True)
+class Posting:
+    """`amount` (> 0) moves from account `source` to account `target`, once per key."""
+
+    key: str
+    kind: str
+    source: int
+    target: int
+    amount: Decimal
+    job_id: str | None = None
+    attempt: int | None = None
+    provider_id: str | None = None
+    gpu_model: str | None = None
+    memo: str | None = None
+
+
+async def accounts(session: AsyncSession, keys: Iterable[AccountKey]) -> dict[AccountKey, int]:
+    """The ids of these accounts, opening the ones that don't exist yet."""
+    wanted = sorted(set(keys))
+    if not wanted:
+        return {}
+    await session.execute(
+        insert(Account)
+        .values([{"kind": kind, "owner_id": owner} for kind, owner in wanted])
+        .on_conflict_do_nothing()
+    )
+    rows = await session.execute(
+        select(Account.kind, Account.owner_id, Account.id).where(
+            tuple_(Account.kind, Account.owner_id).in_(wanted)
+        )
+    )
+    return {(r.kind, r.owner_id): r.id for r in rows}
+
+
+async def lock(session: AsyncSession, account_ids: Iterable[int]) -> dict[int, Decimal]:
+    """Locks the accounts, always in id order so that concurrent writers never deadlock,
+    and returns their balances."""
+    ids = sorted(set(account_ids))
+    if not ids:
+        return {}
+    rows = await session.execute(
+        select(Account.id, Account.balance)
+        .where(Account.id.in_(ids))
+        .order_by(Account.id)
+        .with_for_update()
+    )
+    return {r.id: r.balance for r in rows}
+
+
+async def post(session: AsyncSession, postings: list[Posting]) -> list[Posting]:
+    """Posts each transfer whose key is new, as a pair of entries summing to zero; returns
+    the ones posted (a replay posts nothing)."""
+    postings = [p for p in postings if p.amount != 0]
+    if not postings:
+        return []
+    for p in postings:
+        if p.amount < 0 or p.source == p.target:
+            raise ValueError(f"transfer {p.key}: amount must be positive between two accounts")
+    rows = await session.execute(
+        insert(Transfer)
+        .values(
+            [
+                {
+                    "key": p.key,
+                    "kind": p.kind,
+                    "amount": p.amount,
+                    "job_id": p.job_id,
+                    "attempt": p.attempt,
+                    "provider_id": p.provider_id,
+                    "gpu_model": p.gpu_model,
+                    "memo": p.memo,
+                }
+                for p in postings
+            ]
+        )
+        .on_conflict_do_nothing(index_elements=["key"])
+        .returning(Transfer.id, Transfer.key)
+    )
+    new = {r.key: r.id for r in rows}
+    posted = [p for p in postings if p.key in new]
+    if posted:
+        await session.execute(
+            insert(Entry).values(
+                [
+                    leg
+                    for p in posted
+                    for leg in (
+                        {"transfer_id": new[p.key], "account_id": p.source, "amount": -p.amount},
+                        {"transfer_id": new[p.key], "account_id": p.target, "amount": p.amount},
+                    )
+                ]
+            )
+        )
+    return posted

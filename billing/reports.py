@@ -178,6 +178,17 @@ async def earnings(session: AsyncSession, owner_id: str) -> EarningsOut:
     return EarningsOut(earned=total, rows=rows)
 
 
+async def machine_earnings(session: AsyncSession, provider_id: str) -> Decimal:
+    """What one machine earned its owner, after fees, from the ledger."""
+    earned = await session.scalar(
+        select(func.sum(Entry.amount))
+        .join(Transfer, Transfer.id == Entry.transfer_id)
+        .join(Account, Account.id == Entry.account_id)
+        .where(Transfer.provider_id == provider_id, Account.kind == EARNINGS)
+    )
+    return earned or ZERO
+
+
 async def totals(session: AsyncSession) -> TotalsOut:
     by_kind = dict(
         (

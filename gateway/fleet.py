@@ -4,6 +4,7 @@ routes."""
 
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
+from billing import reports
 from gateway.clients import ServiceClient
 from gateway.schemas import ProviderStatus, RunningTask
 from provider_registry.schemas import PriceChange
@@ -16,6 +17,7 @@ async def provider_status(
     provider = await registry.request("GET", f"/internal/providers/{provider_id}")
     async with db() as session:
         work = await job_store.provider_work(session, provider_id)
+        earned = await reports.machine_earnings(session, provider_id)
     return ProviderStatus(
         provider=provider,
         running_tasks=[
@@ -30,7 +32,7 @@ async def provider_status(
             for job in work.running
         ],
         tasks_ended=work.tasks_ended,
-        earned_usd=work.earned_usd,
+        earned=earned,
     )
 
 

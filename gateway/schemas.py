@@ -1,10 +1,10 @@
 """HTTP bodies of the public API that are the gateway's own."""
 
 from datetime import datetime
-from decimal import Decimal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from billing.schemas import Amount
 from common.messages import OutputFile
 from common.types import SafeStr
 from provider_registry.schemas import MachineSpec, ProviderOut
@@ -101,6 +101,6 @@ class ProviderStatus(BaseModel):
     provider: ProviderOut
     running_tasks: list[RunningTask]
     tasks_ended: int
-    # Price x GPUs x run time of the attempts that ran here, gross of any platform fee;
-    # attempts that ended in an infrastructure fault earn nothing.
-    earned_usd: Decimal
+    # Credits this machine earned (from the ledger), after the platform's fee; attempts
+    # that ended in an infrastructure fault earn nothing.
+    earned: Amount

@@ -62,6 +62,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import astuple, dataclass, field
 from datetime import UTC, datetime
+from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -108,6 +109,8 @@ HEARTBEAT_INTERVAL_S = 5.0
 PUBLISHES_IN_FLIGHT = 1_000
 # Jobs per transaction with --via jetstream.
 INSERT_CHUNK = 2_000
+# Credits for every hold a run places (1,000,000 jobs x 1 GPU x 5.00/h x 60 s < this).
+BENCH_CREDITS = Decimal(100_000_000)
 # As the scheduler's own consumer fetches (scheduler.worker.consume).
 FETCH_BATCH = 64
 DECISION_MACHINES = (1_000, 10_000, 100_000)
@@ -446,26 +449,35 @@ async def submit_via_jetstream(
     """The gateway's path minus HTTP: insert through job_store.new_job, then wake up."""
     import nats
 
+    from billing.funding import add_credits
+    from billing.holds import place_holds
+    from billing.settings import BillingSettings
     from common import subjects
     from common.db import make_engine, make_sessionmaker
     from common.messages import JobSubmitted
-    from scheduler import job_store
+    from scheduler import job_store, settling
     from scheduler.schemas import JobSpec
 
     spec = JobSpec.model_validate(SPEC)
+    billing = BillingSettings(dev_mode=True)
     owner_id = str(uuid.uuid4())
     engine = make_engine(database_url)
     sessionmaker = make_sessionmaker(engine)
+    async with sessionmaker.begin() as session:
+        await add_credits(session, owner_id, BENCH_CREDITS, reference=f"bench-{owner_id}")
     nc = await nats.connect(nats_url, name="bench submitter")
     js = nc.jetstream(publish_async_max_pending=PUBLISHES_IN_FLIGHT)
     acks = []
     try:
         for start in range(0, count, INSERT_CHUNK):
             jobs = [
-                job_store.new_job(owner_id, spec) for _ in range(min(INSERT_CHUNK, count - start))
+                job_store.new_job(owner_id, spec, billing=billing)
+                for _ in range(min(INSERT_CHUNK, count - start))
             ]
             async with sessionmaker.begin() as session:
                 session.add_all(jobs)
+                await session.flush()
+                await place_holds(session, owner_id, [settling.hold_for(job) for job in jobs])
             for job in jobs:
                 wake = JobSubmitted(job_id=job.id, attempt=job.attempt).model_dump_json().encode()
                 headers = {"Nats-Msg-Id": subjects.msg_id(job.id, job.attempt, "submitted")}
@@ -825,10 +837,15 @@ def keep_logs(tmp: Path, log_dir: Path) -> None:
             shutil.copy(path, log_dir / path.name)
 
 
-def register_requester(gateway_url: str) -> str:
+def register_requester(gateway_url: str, database_url: str) -> str:
+    """A requester with credits for every job the bench submits (its holds included)."""
+    from gpumarket.admin import grant_credits
+
     client = Client(gateway_url)
     email = f"bench-{secrets.token_hex(4)}@example.com"
-    return client.register_or_login(email, secrets.token_urlsafe(16), "requester")
+    token = client.register_or_login(email, secrets.token_urlsafe(16), "requester")
+    asyncio.run(grant_credits(database_url, email, BENCH_CREDITS))
+    return token
 
 
 # --- the run ---------------------------------------------------------------------------
@@ -880,7 +897,11 @@ def run_scheduling_bench(
                 wait_daemons_ready(workers)
                 status.update(f"raw JetStream: {jobs} messages")
                 raw_per_s = asyncio.run(jetstream_raw_rate(servers.nats.url, jobs))
-                token = register_requester(platform.gateway_url) if via is Via.gateway else None
+                token = (
+                    register_requester(platform.gateway_url, servers.postgres.url)
+                    if via is Via.gateway
+                    else None
+                )
             names = {p.name: p.process.pid for p in platform.processes}
             run = Run(
                 platform=platform,

@@ -54,7 +54,7 @@ class ProviderStatus(_Response):
     provider: dict[str, Any]
     running_tasks: list[dict[str, Any]]
     tasks_ended: int
-    earned_usd: str
+    earned: str
 
 
 class _Transient(Exception):

@@ -32,7 +32,7 @@ def render(status: ProviderStatus, console: Console) -> None:
         ("last heartbeat", str(p.get("last_heartbeat_at") or "-")),
         ("tasks running", str(len(status.running_tasks))),
         ("tasks ended", str(status.tasks_ended)),
-        ("earned", f"{status.earned_usd} USD (gross)"),
+        ("earned", f"{status.earned} credits (after the platform's fee)"),
     ]
     if p.get("simulated"):
         rows.insert(2, ("GPUs", "simulated"))

@@ -6,7 +6,6 @@ Functions take the session; the caller owns the transaction.
 import uuid
 from dataclasses import dataclass
 from datetime import timedelta
-from decimal import Decimal
 
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -245,13 +244,10 @@ async def jobs_out(session: AsyncSession, jobs: list[Job]) -> list[JobOut]:
 class ProviderWork:
     running: list[Job]
     tasks_ended: int
-    earned_usd: Decimal
 
 
 async def provider_work(session: AsyncSession, provider_id: str) -> ProviderWork:
-    """What a provider runs now and what its work has earned: price x GPUs x run time of
-    every attempt that ran there, except attempts that ended in an infrastructure fault
-    (the machine's fault is not billed). Gross, before any platform fee."""
+    """What a provider runs now, and how many tasks it has ended."""
     running = (
         await session.scalars(
             select(Job)
@@ -259,21 +255,7 @@ async def provider_work(session: AsyncSession, provider_id: str) -> ProviderWork
             .order_by(Job.assigned_at)
         )
     ).all()
-    run_seconds = func.extract("epoch", func.coalesce(Job.finished_at, func.now()) - Job.started_at)
-    row = (
-        await session.execute(
-            select(
-                func.count().filter(Job.finished_at.is_not(None)),
-                func.coalesce(func.sum(Job.price_per_gpu_hour * Job.gpus * run_seconds / 3600), 0),
-            ).where(
-                Job.provider_id == provider_id,
-                Job.started_at.is_not(None),
-                func.coalesce(Job.failure_reason, "").not_like("infrastructure:%"),
-            )
-        )
-    ).one()
-    return ProviderWork(
-        running=list(running),
-        tasks_ended=int(row[0]),
-        earned_usd=Decimal(row[1]).quantize(Decimal("0.000001")),
+    ended = await session.scalar(
+        select(func.count()).where(Job.provider_id == provider_id, Job.finished_at.is_not(None))
     )
+    return ProviderWork(running=list(running), tasks_ended=int(ended or 0))

@@ -69,9 +69,9 @@ def test_status_shows_what_the_platform_sees_with_earnings(
     assert status["provider"]["state"] == "online"
     assert status["provider"]["simulated"] is True
     assert all(g["healthy"] for g in status["provider"]["gpus"])
-    assert status["tasks_ended"] >= 1 and float(status["earned_usd"]) > 0
+    assert status["tasks_ended"] >= 1 and float(status["earned"]) > 0
     table = cli("status", "--config", str(local))
-    assert table.returncode == 0 and "GPUs" in table.stdout and "USD" in table.stdout
+    assert table.returncode == 0 and "GPUs" in table.stdout and "credits" in table.stdout
 
 
 def test_drain_resume_and_leave_for_good(platform: LocalPlatform, tmp_path: Path) -> None:

@@ -83,7 +83,7 @@ class FakeGateway:
             detail = "the machine's owner account is disabled"
             return JSONResponse({"detail": detail}, status_code=401)
         return JSONResponse(
-            {"provider": {"id": "p"}, "running_tasks": [], "tasks_ended": 0, "earned_usd": "0"}
+            {"provider": {"id": "p"}, "running_tasks": [], "tasks_ended": 0, "earned": "0"}
         )
 
     async def list_inputs(self, request: Request) -> Response:

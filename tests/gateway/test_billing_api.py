@@ -103,6 +103,12 @@ def test_a_run_is_held_charged_released_and_itemized(
     assert row["tasks"] >= 1 and Decimal(row["earned"]) > 0
     assert Decimal(row["gross"]) - Decimal(row["fees"]) == Decimal(row["earned"])
 
+    # The scheduler that settled it counted the sale, per GPU model.
+    port = platform.port(platform.scheduler_names[0])
+    metrics = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    sold = f'gpumarket_revenue_credits_total{{gpu_model="{done["gpu_model"]}"}}'
+    assert sold in metrics and "gpumarket_gpu_hours_sold_total" in metrics
+
     totals = admin.request("GET", "/v1/admin/billing/totals")
     assert totals["ledger_balanced"] is True
     assert Decimal(totals["revenue"]) >= charged

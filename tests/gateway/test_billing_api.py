@@ -105,7 +105,7 @@ def test_a_run_is_held_charged_released_and_itemized(
 
     # The scheduler that settled it counted the sale, per GPU model.
     port = platform.port(platform.scheduler_names[0])
-    metrics = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    metrics = httpx.get(f"http://127.0.0.1:{port}/metrics", follow_redirects=True, timeout=10).text
     sold = f'gpumarket_revenue_credits_total{{gpu_model="{done["gpu_model"]}"}}'
     assert sold in metrics and "gpumarket_gpu_hours_sold_total" in metrics
 

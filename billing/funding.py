@@ -31,9 +31,9 @@ async def add_credits(
 ) -> Credited:
     """Credits the owner's available balance from `source`, once per (source, reference)."""
     reference = reference or str(uuid.uuid4())
-    ids = await ledger.accounts(session, [(FUNDING, PLATFORM), (AVAILABLE, owner_id)])
+    locked = await ledger.lock(session, [(FUNDING, PLATFORM), (AVAILABLE, owner_id)])
+    ids = locked.ids
     available = ids[(AVAILABLE, owner_id)]
-    await ledger.lock(session, ids.values())
     posted = await ledger.post(
         session,
         [
@@ -47,5 +47,5 @@ async def add_credits(
             )
         ],
     )
-    balance = (await ledger.lock(session, [available]))[available]
+    balance = locked.balances[available] + (posted[0].amount if posted else 0)
     return Credited(reference=reference, credited=bool(posted), balance=balance)

@@ -49,12 +49,11 @@ def hold_amount(
 async def place_holds(session: AsyncSession, owner_id: str, holds: list[Hold]) -> None:
     """Moves each job's hold from the owner's available credits to held, or refuses the
     whole submission with a 402 saying how much is missing (nothing is written)."""
-    ids = await ledger.accounts(session, [(AVAILABLE, owner_id), (HELD, owner_id)])
-    available, held = ids[(AVAILABLE, owner_id)], ids[(HELD, owner_id)]
-    balances = await ledger.lock(session, [available, held])
+    locked = await ledger.lock(session, [(AVAILABLE, owner_id), (HELD, owner_id)])
+    available, held = locked.ids[(AVAILABLE, owner_id)], locked.ids[(HELD, owner_id)]
     required = sum((h.amount for h in holds), Decimal(0))
-    if required > balances[available]:
-        raise InsufficientFunds(required, balances[available])
+    if required > locked.balances[available]:
+        raise InsufficientFunds(required, locked.balances[available])
     await ledger.post(
         session,
         [

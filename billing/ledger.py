@@ -45,37 +45,40 @@ class Posting:
     memo: str | None = None
 
 
-async def accounts(session: AsyncSession, keys: Iterable[AccountKey]) -> dict[AccountKey, int]:
-    """The ids of these accounts, opening the ones that don't exist yet."""
+@dataclass(frozen=True)
+class Locked:
+    """Accounts locked for this transaction: their ids and balances as of the lock."""
+
+    ids: dict[AccountKey, int]
+    balances: dict[int, Decimal]
+
+    def balance(self, key: AccountKey) -> Decimal:
+        return self.balances[self.ids[key]]
+
+
+async def lock(session: AsyncSession, keys: Iterable[AccountKey]) -> Locked:
+    """Locks these accounts, opening the ones that don't exist yet, always in id order so
+    that concurrent writers never deadlock. One query when they all exist (the usual case)."""
     wanted = sorted(set(keys))
-    if not wanted:
-        return {}
-    await session.execute(
-        insert(Account)
-        .values([{"kind": kind, "owner_id": owner} for kind, owner in wanted])
-        .on_conflict_do_nothing()
-    )
-    rows = await session.execute(
-        select(Account.kind, Account.owner_id, Account.id).where(
-            tuple_(Account.kind, Account.owner_id).in_(wanted)
-        )
-    )
-    return {(r.kind, r.owner_id): r.id for r in rows}
-
-
-async def lock(session: AsyncSession, account_ids: Iterable[int]) -> dict[int, Decimal]:
-    """Locks the accounts, always in id order so that concurrent writers never deadlock,
-    and returns their balances."""
-    ids = sorted(set(account_ids))
-    if not ids:
-        return {}
-    rows = await session.execute(
-        select(Account.id, Account.balance)
-        .where(Account.id.in_(ids))
+    query = (
+        select(Account.id, Account.kind, Account.owner_id, Account.balance)
+        .where(tuple_(Account.kind, Account.owner_id).in_(wanted))
         .order_by(Account.id)
         .with_for_update()
     )
-    return {r.id: r.balance for r in rows}
+    rows = (await session.execute(query)).all() if wanted else []
+    if len(rows) < len(wanted):
+        found = {(r.kind, r.owner_id) for r in rows}
+        await session.execute(
+            insert(Account)
+            .values([{"kind": k, "owner_id": o} for k, o in wanted if (k, o) not in found])
+            .on_conflict_do_nothing()
+        )
+        # New accounts have higher ids than the ones already locked: still in id order.
+        rows = (await session.execute(query)).all()
+    return Locked(
+        ids={(r.kind, r.owner_id): r.id for r in rows}, balances={r.id: r.balance for r in rows}
+    )
 
 
 async def post(session: AsyncSession, postings: list[Posting]) -> list[Posting]:

@@ -76,8 +76,7 @@ async def settle(
         keys |= {(HELD, a.owner_id), (EARNINGS, owners.get(a.provider_id, a.provider_id))}
     for f in finished:
         keys |= {(HELD, f.owner_id), (AVAILABLE, f.owner_id)}
-    ids = await ledger.accounts(session, keys)
-    await ledger.lock(session, ids.values())
+    ids = (await ledger.lock(session, keys)).ids
     jobs = {a.job_id: a.owner_id for a in ended} | {f.job_id: f.owner_id for f in finished}
     left = await _held_per_job(session, {job: ids[(HELD, owner)] for job, owner in jobs.items()})
 

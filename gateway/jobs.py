@@ -42,7 +42,7 @@ async def submit_job(
     await _check_inputs(storage, owner_id, [("", spec)])
     async with db.begin() as session:
         job = await job_store.create_job(session, owner_id, spec, billing)
-        [out] = await job_store.jobs_out(session, [job])
+    out = job_store.new_job_out(job)
     await _wake_scheduler(
         js, job.id, subjects.msg_id(job.id, job.attempt, "submitted"), {"job_id": job.id}
     )
@@ -63,7 +63,6 @@ async def submit_array(
     await _check_inputs(storage, owner_id, named)
     async with db.begin() as session:
         array_id, created = await job_store.create_array(session, owner_id, specs, billing)
-        outs = await job_store.jobs_out(session, created)
     await _wake_scheduler(
         js, created[0].id, subjects.msg_id(array_id, 0, "array"), {"array_id": array_id}
     )
@@ -71,7 +70,9 @@ async def submit_array(
         "job array submitted",
         extra={"array_id": array_id, "count": len(created), "owner_id": owner_id},
     )
-    return JobArrayOut(array_id=array_id, count=len(created), jobs=outs)
+    return JobArrayOut(
+        array_id=array_id, count=len(created), jobs=[job_store.new_job_out(j) for j in created]
+    )
 
 
 def _array_specs(body: JobArrayRequest) -> tuple[list[JobSpec], list[tuple[str, JobSpec]]]:

@@ -6,6 +6,7 @@ Functions take the session; the caller owns the transaction.
 import uuid
 from dataclasses import dataclass
 from datetime import timedelta
+from decimal import Decimal
 
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -229,6 +230,20 @@ def job_out(job: Job, queue: QueueInfo | None = None, cost: JobCost | None = Non
         started_at=job.started_at,
         finished_at=job.finished_at,
     )
+
+
+def new_job_out(job: Job) -> JobOut:
+    """A job just submitted: its cost is its hold, no query needed."""
+    cost = None
+    if job.hold_amount is not None:
+        cost = JobCost(
+            held=job.hold_amount,
+            charged=Decimal(0),
+            released=Decimal(0),
+            billed_seconds=0,
+            settled=False,
+        )
+    return job_out(job, cost=cost)
 
 
 async def jobs_out(session: AsyncSession, jobs: list[Job]) -> list[JobOut]:

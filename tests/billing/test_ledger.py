@@ -71,7 +71,7 @@ async def test_an_unbalanced_transfer_is_refused_at_commit(db: async_sessionmake
     owner = await credited(db)
     with pytest.raises(DBAPIError, match="does not balance"):
         async with db.begin() as session:
-            ids = await ledger.accounts(session, [(AVAILABLE, owner), (HELD, owner)])
+            ids = (await ledger.lock(session, [(AVAILABLE, owner), (HELD, owner)])).ids
             transfer = Transfer(key="forged", kind="hold", amount=Decimal(3))
             session.add(transfer)
             await session.flush()
@@ -84,7 +84,7 @@ async def test_no_account_of_a_requester_goes_below_zero(db: async_sessionmaker)
     owner = await credited(db, "1")
     with pytest.raises(DBAPIError, match="no_overdraft"):
         async with db.begin() as session:
-            ids = await ledger.accounts(session, [(AVAILABLE, owner), (HELD, owner)])
+            ids = (await ledger.lock(session, [(AVAILABLE, owner), (HELD, owner)])).ids
             await ledger.post(
                 session,
                 [

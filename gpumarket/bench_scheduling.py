@@ -477,7 +477,7 @@ async def submit_via_jetstream(
             async with sessionmaker.begin() as session:
                 session.add_all(jobs)
                 await session.flush()
-                await place_holds(session, owner_id, [settling.hold_for(job) for job in jobs])
+                await place_holds(session, owner_id, settling.holds_of(jobs))
             for job in jobs:
                 wake = JobSubmitted(job_id=job.id, attempt=job.attempt).model_dump_json().encode()
                 headers = {"Nats-Msg-Id": subjects.msg_id(job.id, job.attempt, "submitted")}

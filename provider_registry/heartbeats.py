@@ -2,6 +2,7 @@
 taken offline with a provider.lost event, reliability and fleet metrics refreshed."""
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -171,10 +172,8 @@ class HeartbeatIngest:
                 )
         finally:
             await self.flush_quietly()
-            try:
+            with contextlib.suppress(NatsError):
                 await sub.unsubscribe()
-            except NatsError:
-                pass
 
     async def flush_quietly(self) -> None:
         try:

@@ -82,7 +82,7 @@ async def create_job(
     session.add(job)
     await session.flush()
     if billing is not None:
-        await place_holds(session, owner_id, [settling.hold_for(job)])
+        await place_holds(session, owner_id, settling.holds_of([job]))
     await session.refresh(job, ["created_at"])
     return job
 
@@ -108,7 +108,7 @@ async def create_array(
     session.add_all(jobs)
     await session.flush()
     if billing is not None:
-        await place_holds(session, owner_id, [settling.hold_for(job) for job in jobs])
+        await place_holds(session, owner_id, settling.holds_of(jobs))
     return array_id, jobs
 
 

@@ -29,6 +29,11 @@ def hold_for(job: Job) -> Hold:
     )
 
 
+def holds_of(jobs: list[Job]) -> list[Hold]:
+    """The holds new_job computed, to be placed once the jobs are inserted."""
+    return [Hold(job.id, job.hold_amount) for job in jobs if job.hold_amount is not None]
+
+
 def ended_attempt(
     job: Job,
     *,

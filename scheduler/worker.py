@@ -18,6 +18,7 @@ import nats
 import uvicorn
 from fastapi import FastAPI
 from nats.aio.client import Client as NATS
+from nats.errors import NotJSMessageError
 from nats.js import JetStreamContext
 from prometheus_client import Counter, Gauge, Histogram
 from pydantic import ValidationError
@@ -72,7 +73,7 @@ class Delivery:
 def _delivery(msg) -> Delivery:  # type: ignore[no-untyped-def]
     try:
         at = msg.metadata.timestamp
-    except Exception:  # not a JetStream message (tests); now is the next best clock
+    except NotJSMessageError:  # a core NATS message: now is the next best clock
         at = datetime.now(UTC)
     return Delivery(msg.data, at if at.tzinfo else at.replace(tzinfo=UTC))
 

@@ -8,7 +8,7 @@ from decimal import Decimal
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from billing import ledger
+from billing import amounts, ledger
 from billing.models import AVAILABLE, FUNDING, PLATFORM
 
 
@@ -42,7 +42,7 @@ async def add_credits(
                 kind="credit",
                 source=ids[(FUNDING, PLATFORM)],
                 target=available,
-                amount=ledger.credits(amount),
+                amount=amounts.credits(amount),
                 memo=memo or f"{source} {reference}",
             )
         ],

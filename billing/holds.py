@@ -5,7 +5,7 @@ from decimal import Decimal
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from billing import ledger
+from billing import amounts, ledger
 from billing.models import AVAILABLE, HELD
 from common.errors import DomainError
 
@@ -17,17 +17,17 @@ class InsufficientFunds(DomainError):
         self.required, self.available = required, available
         self.missing = required - available
         super().__init__(
-            f"insufficient credits: this submission needs a hold of {ledger.show(required)} "
+            f"insufficient credits: this submission needs a hold of {amounts.show(required)} "
             f"credits (GPUs x price ceiling x max_duration_s) and the available balance is "
-            f"{ledger.show(available)}; {ledger.show(self.missing)} more credits are needed",
+            f"{amounts.show(available)}; {amounts.show(self.missing)} more credits are needed",
         )
 
     def body(self) -> dict:
         return {
             **super().body(),
-            "required": ledger.show(self.required),
-            "available": ledger.show(self.available),
-            "missing": ledger.show(self.missing),
+            "required": amounts.show(self.required),
+            "available": amounts.show(self.available),
+            "missing": amounts.show(self.missing),
         }
 
 
@@ -41,7 +41,7 @@ def hold_amount(
     gpus: int, max_price_per_gpu_hour: Decimal, max_duration_s: int, billable_attempts: int
 ) -> Decimal:
     """GPUs x price ceiling x time limit, for every attempt that could be charged."""
-    return ledger.credits(
+    return amounts.credits(
         gpus * max_price_per_gpu_hour * max_duration_s * billable_attempts / Decimal(3600)
     )
 

@@ -3,28 +3,13 @@ transaction, and locks the accounts it moves money between (`lock`) before decid
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from decimal import ROUND_HALF_UP, Decimal
+from decimal import Decimal
 
 from sqlalchemy import select, tuple_
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from billing.models import Account, Entry, Transfer
-
-CREDIT_STEP = Decimal("0.000001")
-
-
-def credits(amount: Decimal) -> Decimal:
-    """Rounded to the ledger's precision, half up."""
-    return amount.quantize(CREDIT_STEP, rounding=ROUND_HALF_UP)
-
-
-def show(amount: Decimal) -> str:
-    """For people: at least cents, more only where they count ("12.00", "0.004167")."""
-    text = f"{credits(amount):f}".rstrip("0")
-    whole, _, fraction = text.partition(".")
-    return f"{whole}.{fraction.ljust(2, '0')}"
-
 
 AccountKey = tuple[str, str]  # (kind, owner_id)
 

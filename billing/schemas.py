@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PlainSerializer
 
-from billing.ledger import credits
+from billing.amounts import credits
 from common.types import SafeStr
 
 AccountName = Literal["available", "held", "earnings"]

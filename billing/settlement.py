@@ -12,7 +12,7 @@ from sqlalchemy import func, select, tuple_
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from billing import ledger
+from billing import amounts, ledger
 from billing.metering import meter
 from billing.models import AVAILABLE, EARNINGS, FEES, HELD, PLATFORM, Entry, Transfer, Usage
 from billing.settings import BillingSettings
@@ -155,7 +155,7 @@ def _usage(
         tolerance_s=settings.metering_tolerance_s,
     )
     billed = metered.billed_seconds if a.chargeable else 0
-    cost = ledger.credits(a.gpus * a.price_per_gpu_hour * billed / Decimal(3600))
+    cost = amounts.credits(a.gpus * a.price_per_gpu_hour * billed / Decimal(3600))
     reason = a.reason
     if cost > left[a.job_id]:
         # Only a job without a hold (submitted before billing existed) gets here: the
@@ -166,7 +166,7 @@ def _usage(
         )
         cost = left[a.job_id]
         reason = f"{reason + '; ' if reason else ''}capped at the job's hold"
-    fee = ledger.credits(cost * settings.platform_fee_rate)
+    fee = amounts.credits(cost * settings.platform_fee_rate)
     return {
         "job_id": a.job_id,
         "attempt": a.attempt,

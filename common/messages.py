@@ -84,6 +84,24 @@ class LogBatch(Contract):
     lines: list[str]
 
 
+PullStatus = Literal["pulling", "done", "failed"]
+
+
+class PullProgress(Contract):
+    """On pulls.<provider_id>.<job_id> (core NATS): how far the machine is in pulling the
+    job attempt's image; at most ~2 a second while pulling, then one "done" or "failed"."""
+
+    job_id: str
+    attempt: int
+    image: str
+    status: PullStatus
+    layers_done: int = 0
+    layers_total: int = 0
+    # Over the layers whose size the engine has told so far, so both may grow.
+    bytes_done: int = 0
+    bytes_total: int = 0
+
+
 class GpuMetrics(Contract):
     uuid: str
     utilization_pct: float | None = None

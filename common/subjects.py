@@ -36,6 +36,18 @@ def job_logs_filter(job_id: str) -> str:
     return f"logs.*.{job_id}"
 
 
+# Core NATS, not a stream: pull progress is worth nothing once the next update (within a
+# second) or the pull's end is there, so it is neither stored nor acked, and a slow NATS
+# can't hold up a pull. A follower who connects mid-pull sees the next update; one who
+# connects after it sees the job's status instead. No stream's subjects cover `pulls.>`.
+def pull_subject(provider_id: str, job_id: str) -> str:
+    return f"pulls.{provider_id}.{job_id}"
+
+
+def job_pulls_filter(job_id: str) -> str:
+    return f"pulls.*.{job_id}"
+
+
 def heartbeat_subject(provider_id: str) -> str:
     return f"heartbeats.{provider_id}"
 

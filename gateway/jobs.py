@@ -6,6 +6,8 @@ import logging
 from collections.abc import AsyncIterator
 
 import httpx
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from sqlalchemy.ext.asyncio import async_sessionmaker
@@ -14,7 +16,7 @@ from billing.settings import BillingSettings
 from common import subjects
 from common.errors import Invalid
 from common.ids import is_uuid
-from common.messages import JobSubmitted, LogBatch
+from common.messages import JobSubmitted, LogBatch, PullProgress
 from gateway.clients import ServiceClient, ServiceUnavailable, UpstreamError
 from gateway.schemas import JobArrayOut, JobArrayRequest
 from gateway.storage import presign
@@ -146,16 +148,32 @@ async def _read_job(db: async_sessionmaker, job_id: str, owner_id: str | None) -
 async def stream_events(
     db: async_sessionmaker,
     js: JetStreamContext,
+    nc: NatsClient,
     job_id: str,
     owner_id: str | None,
     poll_s: float,
 ) -> AsyncIterator[dict]:
-    """SSE events for one job: `status` on every state change, `log` per log line, live.
+    """SSE events for one job: `status` on every state change, `pull` while its machine
+    pulls its image, `log` per log line, live.
 
     Status comes from Postgres (the truth), log lines from the LOGS stream from the
-    beginning. The stream ends after the job is terminal and its last lines were sent.
+    beginning, pull progress from core NATS as it happens (none is stored: a follower
+    sees the pulls under way from when it connected). The stream ends after the job is
+    terminal and its last lines were sent.
     """
     job = await _read_job(db, job_id, owner_id)
+    wanted = job.id
+    pulls: list[PullProgress] = []
+
+    async def on_pull(msg: Msg) -> None:
+        try:
+            progress = PullProgress.model_validate_json(msg.data)
+        except ValueError:
+            return
+        if progress.job_id == wanted:
+            pulls.append(progress)
+
+    pull_sub = await nc.subscribe(subjects.job_pulls_filter(job.id), cb=on_pull)
     sub = await js.subscribe(
         subjects.job_logs_filter(job.id), ordered_consumer=True, stream=subjects.LOGS_STREAM
     )
@@ -170,6 +188,10 @@ async def stream_events(
                     [out] = await job_store.jobs_out(session, [job])
                 yield {"event": "status", "data": out.model_dump_json()}
             drained = await _drain_logs(sub, poll_s)
+            # A pull comes before the container's output, so its progress goes first.
+            arrived, pulls[:] = pulls[:], []
+            for progress in arrived:
+                yield {"event": "pull", "data": json.dumps(_pull_event(progress))}
             for batch in drained:
                 for line in batch.lines:
                     yield {
@@ -181,6 +203,11 @@ async def stream_events(
                 return
     finally:
         await sub.unsubscribe()
+        await pull_sub.unsubscribe()
+
+
+def _pull_event(progress: PullProgress) -> dict:
+    return progress.model_dump(mode="json", exclude={"job_id"})
 
 
 async def _drain_logs(sub, wait_s: float) -> list[LogBatch]:  # type: ignore[no-untyped-def]

@@ -1,14 +1,15 @@
 """The container engine (Docker, or Podman's Docker-compatible API) through docker-py.
 
 docker-py blocks, so every call runs off the event loop: short calls through
-asyncio.to_thread, and the two that last as long as a job (wait, log streaming) on
+asyncio.to_thread, and those that may last long (image pulls, wait, log streaming) on
 their own daemon threads, so several jobs cannot starve the default executor and a
 stuck stream cannot hold up the process's exit.
 """
 
 import asyncio
+import logging
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -20,8 +21,15 @@ from docker.types import DeviceRequest, Ulimit
 from docker.utils import parse_repository_tag
 
 from provider_daemon.errors import DaemonError, InfrastructureError
+from provider_daemon.pull_progress import PullState, PullTracker
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+# Receives a pull's progress; called from the event loop, one call at a time.
+PullReporter = Callable[[PullState], Awaitable[None]]
+# Progress reports go out at most this often while pulling (plus the final one).
+PULL_REPORT_INTERVAL_S = 0.5
 
 LABEL_JOB = "gpumarket.job_id"
 LABEL_ATTEMPT = "gpumarket.attempt"
@@ -98,6 +106,16 @@ def _in_thread(fn: Callable[[], T]) -> "asyncio.Future[T]":
     return future
 
 
+async def _report(report: PullReporter | None, state: PullState) -> None:
+    # Progress is a courtesy to the requester: failing to send it must not fail the pull.
+    if report is None:
+        return
+    try:
+        await report(state)
+    except Exception:
+        log.warning("could not report pull progress", exc_info=True)
+
+
 class Containers:
     def __init__(self, docker_host: str, timeout_s: float = 120.0) -> None:
         try:
@@ -113,8 +131,10 @@ class Containers:
     def close(self) -> None:
         self.client.close()
 
-    async def ensure_image(self, image: str) -> None:
-        """Uses the local image, else pulls it; a failure is the infrastructure's."""
+    async def ensure_image(self, image: str, report: PullReporter | None = None) -> None:
+        """Uses the local image, else pulls it, telling `report` how far it got (at most
+        every PULL_REPORT_INTERVAL_S, then "done" or "failed"); a failure is the
+        infrastructure's."""
         try:
             await asyncio.to_thread(self.client.images.get, image)
             return
@@ -123,13 +143,61 @@ class Containers:
         except Exception as exc:
             raise InfrastructureError(f"inspecting image {image!r}: {explain(exc)}") from None
         repository, tag = parse_repository_tag(image)
+        tracker = PullTracker()
         try:
-            # A tag is always given: without one docker-py would pull every tag.
-            await asyncio.to_thread(self.client.images.pull, repository, tag=tag or "latest")
+            # A tag is always given: without one the engine would pull every tag.
+            await self._pull(repository, tag or "latest", tracker, report)
         except Exception as exc:
+            await _report(report, tracker.state("failed"))
             raise InfrastructureError(
                 f"image {image!r} is not on this machine and pulling it failed: {explain(exc)}"
             ) from None
+        await _report(report, tracker.state("done"))
+
+    async def _pull(
+        self, repository: str, tag: str, tracker: PullTracker, report: PullReporter | None
+    ) -> None:
+        """Pulls through the engine's streaming API in a thread that feeds `tracker`; the
+        latest state goes to `report` from the loop, so a slow reporter never holds up the
+        pull and only the newest state of a burst is sent."""
+        loop = asyncio.get_running_loop()
+        latest = tracker.state()
+        changed = asyncio.Event()
+        changed.set()  # an empty first report says at once that a pull started
+        abandoned = threading.Event()
+
+        def publish(state: PullState) -> None:
+            nonlocal latest
+            latest = state
+            changed.set()
+
+        def pull() -> None:
+            stream = self.client.api.pull(repository, tag=tag, stream=True, decode=True)
+            for item in stream:
+                if abandoned.is_set():
+                    return
+                tracker.feed(item)  # raises PullFailed on the engine's error item
+                if report is not None:
+                    try:
+                        loop.call_soon_threadsafe(publish, tracker.state())
+                    except RuntimeError:  # the loop is closed: nobody is listening
+                        return
+
+        async def reporter(report: PullReporter) -> None:
+            while True:
+                await changed.wait()
+                changed.clear()
+                await _report(report, latest)
+                await asyncio.sleep(PULL_REPORT_INTERVAL_S)
+
+        task = asyncio.create_task(reporter(report)) if report is not None else None
+        try:
+            await _in_thread(pull)
+        finally:
+            abandoned.set()
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
 
     async def create(self, spec: ContainerSpec) -> Container:
         kwargs: dict[str, Any] = {

@@ -168,7 +168,7 @@ class Daemon:
                 return
             self.nc = nc
             js = nc.jetstream()
-            publisher = Publisher(js, self.config.provider_id)
+            publisher = Publisher(js, self.config.provider_id, nc=nc)
             deps = RunnerDeps(
                 provider_id=self.config.provider_id,
                 publisher=publisher,

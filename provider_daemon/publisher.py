@@ -1,15 +1,17 @@
-"""What the daemon tells the platform about a job attempt: events and log lines on JetStream."""
+"""What the daemon tells the platform about a job attempt: events and log lines on
+JetStream, image pull progress on core NATS."""
 
 import asyncio
 import logging
 from datetime import UTC, datetime
 from typing import Any
 
+from nats.aio.client import Client as NatsClient
 from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
 
-from common.messages import EventType, JobEvent, LogBatch
-from common.subjects import event_subject, log_subject, msg_id
+from common.messages import EventType, JobEvent, LogBatch, PullProgress
+from common.subjects import event_subject, log_subject, msg_id, pull_subject
 
 log = logging.getLogger(__name__)
 
@@ -19,10 +21,13 @@ class Publisher:
         self,
         js: JetStreamContext,
         provider_id: str,
+        *,
+        nc: NatsClient,
         event_retry_for_s: float = 120.0,
         ack_timeout_s: float = 5.0,
     ) -> None:
         self.js = js
+        self.nc = nc
         self.provider_id = provider_id
         self.event_retry_for_s = event_retry_for_s
         self.ack_timeout_s = ack_timeout_s
@@ -91,3 +96,18 @@ class Publisher:
             what=f"log batch {batch.seq}",
             job={"job_id": batch.job_id, "attempt": batch.attempt},
         )
+
+    async def pull_progress(self, progress: PullProgress) -> None:
+        """Fire and forget (see common.subjects.pull_subject): the next update replaces a
+        lost one, so a NATS problem is only logged."""
+        try:
+            await self.nc.publish(
+                pull_subject(self.provider_id, progress.job_id),
+                progress.model_dump_json().encode(),
+            )
+        except (NatsError, OSError) as exc:
+            log.debug(
+                "could not publish pull progress: %s",
+                exc,
+                extra={"job_id": progress.job_id, "attempt": progress.attempt},
+            )

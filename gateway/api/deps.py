@@ -1,6 +1,7 @@
 """Shared route dependencies: the app's clients and connections."""
 
 from fastapi import Request
+from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
 
 from billing.settings import BillingSettings
@@ -13,6 +14,10 @@ db = get_sessionmaker
 
 def js(request: Request) -> JetStreamContext:
     return request.app.state.js
+
+
+def nc(request: Request) -> NatsClient:
+    return request.app.state.nc
 
 
 def auth(request: Request) -> ServiceClient:

@@ -3,6 +3,7 @@ from typing import Literal
 
 from fastapi import APIRouter, Depends, Query, Request, status
 from fastapi.responses import PlainTextResponse
+from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
 from sqlalchemy.ext.asyncio import async_sessionmaker
 from sse_starlette.sse import EventSourceResponse
@@ -88,13 +89,23 @@ async def job_events(
     principal: Principal = Requester,
     db: async_sessionmaker = Depends(deps.db),
     js: JetStreamContext = Depends(deps.js),
+    nc: NatsClient = Depends(deps.nc),
 ) -> EventSourceResponse:
-    """Server-Sent Events: `status` on each state change, `log` per line, then `end`."""
+    """Server-Sent Events, then `end` (`{"status"}`) once the job is over:
+
+    - `status`: the job (as `GET /v1/jobs/{id}`) on each state change;
+    - `pull`: while the machine pulls the job's image, at most ~2 a second and then a last
+      one with `status` "done" or "failed": `{"attempt", "image", "status": "pulling" |
+      "done" | "failed", "layers_done", "layers_total", "bytes_done", "bytes_total"}`
+      (bytes over the layers whose size is known so far, so totals may grow). Live only:
+      a pull that ended before the stream was opened is not replayed;
+    - `log`: `{"attempt", "line"}` per line of output, from the first line.
+    """
     async with db() as session:
         await job_store.get_job(session, job_id, principal.owner_filter())  # 404 before streaming
     poll_s = request.app.state.settings.sse_poll_interval_s
     return EventSourceResponse(
-        jobs.stream_events(db, js, job_id, principal.owner_filter(), poll_s), ping=15
+        jobs.stream_events(db, js, nc, job_id, principal.owner_filter(), poll_s), ping=15
     )
 
 

@@ -49,8 +49,8 @@ def run_jobs_bench(gateway_url: str, account: dict[str, str], count: int, consol
 
     def submit(_: int) -> tuple[str, float]:
         started = time.perf_counter()
-        job = Client(gateway_url, client.token).submit(spec)
-        return job["id"], time.perf_counter() - started
+        job = client.submit(spec)
+        return job.id, time.perf_counter() - started
 
     wall_start = time.perf_counter()
     with ThreadPoolExecutor(max_workers=8) as pool:

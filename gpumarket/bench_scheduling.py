@@ -843,9 +843,9 @@ def register_requester(gateway_url: str, database_url: str) -> str:
 
     client = Client(gateway_url)
     email = f"bench-{secrets.token_hex(4)}@example.com"
-    token = client.register_or_login(email, secrets.token_urlsafe(16), "requester")
+    tokens = client.register_or_login(email, secrets.token_urlsafe(16), "requester")
     asyncio.run(grant_credits(database_url, email, BENCH_CREDITS))
-    return token
+    return tokens.access_token
 
 
 # --- the run ---------------------------------------------------------------------------

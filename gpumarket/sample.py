@@ -3,6 +3,7 @@
 import asyncio
 import json
 import secrets
+import tempfile
 import time
 from decimal import Decimal
 from pathlib import Path
@@ -10,8 +11,9 @@ from pathlib import Path
 from rich.console import Console
 
 from gpumarket.admin import grant_credits
-from gpumarket.client import Client
+from gpumarket.client import Client, LogEvent, StatusEvent
 from gpumarket.platform import SAMPLE_IMAGE, LocalPlatform
+from scheduler.schemas import JobOut
 
 SAMPLE_INPUT = b"hello from the gpu marketplace\n"
 SAMPLE_COMMAND = [
@@ -46,11 +48,11 @@ def start_local_provider(
     client.register_or_login(account["email"], account["password"], "provider")
     join_token = None
     if not (platform.data_dir / "provider.json").exists():
-        join_token = client.request("POST", "/v1/providers/join-tokens")["token"]
+        join_token = client.create_join_token().token
     platform.start_provider(join_token)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if any(p["state"] == "online" for p in client.request("GET", "/v1/providers")):
+        if any(p.state == "online" for p in client.providers()):
             return
         time.sleep(0.5)
     raise RuntimeError("the local provider did not come online")
@@ -78,29 +80,30 @@ def fund_dev_requester(platform: LocalPlatform, account: dict[str, str]) -> dict
     )
 
 
-def run_sample_job(gateway_url: str, account: dict[str, str], console: Console) -> dict:
-    client = Client(gateway_url)
-    client.register_or_login(account["email"], account["password"], "requester")
-    upload = client.upload("hello.txt", SAMPLE_INPUT)
-    job = client.submit(
-        {
-            "image": SAMPLE_IMAGE,
-            "command": SAMPLE_COMMAND,
-            "resources": {"gpus": 1},
-            "inputs": [{"file_id": upload["file_id"], "path": "hello.txt"}],
-            "max_duration_s": 120,
-        }
-    )
-    console.print(f"sample job [bold]{job['id']}[/] submitted")
-    for event, data in client.events(job["id"]):
-        if event == "status":
-            reason = f" ({data['waiting_reason']})" if data.get("waiting_reason") else ""
-            console.print(f"  status: [cyan]{data['status']}[/]{reason}")
-        elif event == "log":
-            console.print(f"  log: {data['line']}", highlight=False)
-    job = client.job(job["id"])
-    for output in client.outputs(job["id"]):
-        content = client.download(output["download_url"]).decode(errors="replace")
-        console.print(f"  output {output['path']} ({output['size']} bytes): {content.strip()}")
-    console.print(f"sample job result: [bold]{job['status']}[/] exit_code={job['exit_code']}")
-    return job
+def run_sample_job(gateway_url: str, account: dict[str, str], console: Console) -> JobOut:
+    with Client(gateway_url) as client:
+        client.register_or_login(account["email"], account["password"], "requester")
+        upload = client.upload(SAMPLE_INPUT, "hello.txt")
+        job = client.submit(
+            {
+                "image": SAMPLE_IMAGE,
+                "command": SAMPLE_COMMAND,
+                "resources": {"gpus": 1},
+                "inputs": [{"file_id": upload.file_id, "path": "hello.txt"}],
+                "max_duration_s": 120,
+            }
+        )
+        console.print(f"sample job [bold]{job.id}[/] submitted")
+        for event in client.events(job.id):
+            if isinstance(event, StatusEvent):
+                reason = f" ({event.job.waiting_reason})" if event.job.waiting_reason else ""
+                console.print(f"  status: [cyan]{event.job.status}[/]{reason}")
+            elif isinstance(event, LogEvent):
+                console.print(f"  log: {event.line}", highlight=False)
+        job = client.job(job.id)
+        with tempfile.TemporaryDirectory() as tmp:
+            for output in client.outputs(job.id):
+                content = client.download(output, Path(tmp)).read_text(errors="replace")
+                console.print(f"  output {output.path} ({output.size} bytes): {content.strip()}")
+        console.print(f"sample job result: [bold]{job.status}[/] exit_code={job.exit_code}")
+        return job

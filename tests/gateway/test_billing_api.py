@@ -42,7 +42,7 @@ def test_a_run_is_held_charged_released_and_itemized(
     before = requester.request("GET", "/v1/billing/balance")
     job = requester.submit(job_spec(["sh", "-c", "sleep 1; echo done"], max_duration_s=360))
     # 1 GPU x 1.00/h ceiling x 360 s.
-    assert job["cost"] == {
+    assert job.cost and job.cost.model_dump(mode="json") == {
         "currency": "credits",
         "held": "0.100000",
         "charged": "0.000000",
@@ -53,20 +53,20 @@ def test_a_run_is_held_charged_released_and_itemized(
     held = requester.request("GET", "/v1/billing/balance")
     assert Decimal(held["available"]) == Decimal(before["available"]) - Decimal("0.1")
 
-    done = wait_for(requester, job["id"], lambda j: j["cost"] and j["cost"]["settled"])
-    assert done["status"] == "succeeded"
-    cost = done["cost"]
-    price = Decimal(done["price_per_gpu_hour"])
-    charged = (price * cost["billed_seconds"] / Decimal(3600)).quantize(Decimal("0.000001"))
-    assert cost["billed_seconds"] >= 1
-    assert Decimal(cost["charged"]) == charged
-    assert Decimal(cost["released"]) == Decimal("0.1") - charged
+    done = wait_for(requester, job.id, lambda j: j.cost and j.cost.settled)
+    assert done.status == "succeeded"
+    cost, price = done.cost, done.price_per_gpu_hour
+    assert cost and price
+    charged = (price * cost.billed_seconds / Decimal(3600)).quantize(Decimal("0.000001"))
+    assert cost.billed_seconds >= 1
+    assert cost.charged == charged
+    assert cost.released == Decimal("0.1") - charged
     after = requester.request("GET", "/v1/billing/balance")
     assert after["held"] == "0.000000"
     assert Decimal(after["available"]) == Decimal(before["available"]) - charged
 
     page = requester.request("GET", "/v1/billing/ledger", params={"limit": 1000})
-    mine = [e for e in page["entries"] if e["job_id"] == job["id"]]
+    mine = [e for e in page["entries"] if e["job_id"] == job.id]
     assert sorted((e["account"], e["kind"]) for e in mine) == sorted(
         [
             ("available", "hold"),
@@ -88,7 +88,7 @@ def test_a_run_is_held_charged_released_and_itemized(
     assert response.status_code == 200 and response.headers["content-type"].startswith("text/csv")
     rows = list(csv.DictReader(io.StringIO(response.text)))
     assert [int(r["id"]) for r in rows] == [e["id"] for e in page["entries"]]
-    assert {r["kind"] for r in rows if r["job_id"] == job["id"]} == {
+    assert {r["kind"] for r in rows if r["job_id"] == job.id} == {
         "hold",
         "charge",
         "fee",
@@ -99,20 +99,20 @@ def test_a_run_is_held_charged_released_and_itemized(
     owner = Client(platform.gateway_url)
     owner.login("provider@example.com", "sells-gpu-time-1")
     earnings = owner.request("GET", "/v1/billing/earnings")
-    [row] = [r for r in earnings["rows"] if r["provider_id"] == done["provider_id"]]
+    [row] = [r for r in earnings["rows"] if r["provider_id"] == done.provider_id]
     assert row["tasks"] >= 1 and Decimal(row["earned"]) > 0
     assert Decimal(row["gross"]) - Decimal(row["fees"]) == Decimal(row["earned"])
 
     # The scheduler that settled it counted the sale, per GPU model.
     port = platform.port(platform.scheduler_names[0])
     metrics = httpx.get(f"http://127.0.0.1:{port}/metrics", follow_redirects=True, timeout=10).text
-    sold = f'gpumarket_revenue_credits_total{{gpu_model="{done["gpu_model"]}"}}'
+    sold = f'gpumarket_revenue_credits_total{{gpu_model="{done.gpu_model}"}}'
     assert sold in metrics and "gpumarket_gpu_hours_sold_total" in metrics
 
     totals = admin.request("GET", "/v1/admin/billing/totals")
     assert totals["ledger_balanced"] is True
     assert Decimal(totals["revenue"]) >= charged
-    assert any(m["gpu_model"] == done["gpu_model"] for m in totals["by_model"])
+    assert any(m["gpu_model"] == done.gpu_model for m in totals["by_model"])
 
 
 def test_the_statement_pages_back_in_time(requester: Client, admin: Client) -> None:

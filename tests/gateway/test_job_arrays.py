@@ -102,8 +102,8 @@ class TestSubmitArray:
             # An array's jobs queue in index order.
             one = requester.job(jobs[0]["id"])
             last = requester.job(jobs[-1]["id"])
-            if one["status"] == last["status"] == "queued":
-                assert one["queue"]["position"] < last["queue"]["position"]
+            if one.status == last.status == "queued":
+                assert one.queue and last.queue and one.queue.position < last.queue.position
         finally:
             cancel_all(platform, [j["id"] for j in jobs])
 
@@ -116,11 +116,11 @@ class TestSubmitArray:
         assert [j["priority"] for j in answer["jobs"]] == list(range(5))
         assert [j["array_index"] for j in answer["jobs"]] == list(range(5))
         job = requester.job(answer["jobs"][3]["id"])
-        assert job["array_id"] == answer["array_id"] and job["array_index"] == 3
+        assert job.array_id == answer["array_id"] and job.array_index == 3
 
     def test_one_file_shared_by_every_job(self, requester: Client, cancel_after: list[str]) -> None:
-        upload = requester.upload("shared.txt", b"shared input\n")
-        inputs = [{"file_id": upload["file_id"], "path": "shared.txt"}]
+        upload = requester.upload(b"shared input\n", "shared.txt")
+        inputs = [{"file_id": upload.file_id, "path": "shared.txt"}]
         answer = submit_array(requester, {"template": spec(inputs=inputs), "count": 20})
         cancel_after.extend(j["id"] for j in answer["jobs"])
         assert answer["count"] == 20
@@ -142,8 +142,8 @@ class TestAllOrNothing:
         assert fields(error) == ["template.resources.gpus"]
 
     def test_missing_input_file_refuses_the_whole_array(self, requester: Client) -> None:
-        upload = requester.upload("ok.txt", b"fine\n")
-        good = [{"file_id": upload["file_id"], "path": "ok.txt"}]
+        upload = requester.upload(b"fine\n", "ok.txt")
+        good = [{"file_id": upload.file_id, "path": "ok.txt"}]
         bad = [*good, {"file_id": MISSING_FILE, "path": "missing.txt"}]
         specs = [spec(inputs=good), spec(inputs=good), spec(inputs=bad), spec(inputs=bad)]
         error = refused(requester, {"jobs": specs})
@@ -153,8 +153,8 @@ class TestAllOrNothing:
         assert requester.request("GET", "/v1/jobs") == []
 
     def test_someone_elses_file_is_missing(self, platform, requester: Client) -> None:  # type: ignore[no-untyped-def]
-        theirs = new_user(platform).upload("secret.txt", b"secret")
-        inputs = [{"file_id": theirs["file_id"], "path": "s"}]
+        theirs = new_user(platform).upload(b"secret", "secret.txt")
+        inputs = [{"file_id": theirs.file_id, "path": "s"}]
         error = refused(requester, {"template": spec(inputs=inputs), "count": 2})
         assert fields(error) == ["template.inputs.0.file_id"]
 

@@ -2,16 +2,18 @@
 
 import hashlib
 import time
+from pathlib import Path
 
 import httpx
 import pytest
 
-from gpumarket.client import ApiError, Client
+from gpumarket.client import ApiError, Client, LogEvent, StatusEvent
 from gpumarket.platform import SAMPLE_IMAGE
+from scheduler.schemas import JobOut
 from tests.fixtures.platform import new_user
 
 
-def wait_for(client: Client, job_id: str, predicate, timeout: float = 60.0) -> dict:  # type: ignore[no-untyped-def]
+def wait_for(client: Client, job_id: str, predicate, timeout: float = 60.0) -> JobOut:  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         job = client.job(job_id)
@@ -34,9 +36,9 @@ def job_spec(command: list[str], **overrides) -> dict:  # type: ignore[no-untype
 
 
 class TestJobRunsEndToEnd:
-    def test_inputs_in_outputs_out_followed_live(self, requester: Client) -> None:
+    def test_inputs_in_outputs_out_followed_live(self, requester: Client, tmp_path: Path) -> None:
         data = b"the quick brown fox\n" * 1000
-        upload = requester.upload("fox.txt", data)
+        upload = requester.upload(data, "fox.txt")
         job = requester.submit(
             job_spec(
                 [
@@ -47,88 +49,89 @@ class TestJobRunsEndToEnd:
                     "tr a-z A-Z < /inputs/data/fox.txt > /outputs/sub/FOX.txt; "
                     "cp /inputs/data/fox.txt /outputs/copy.txt; echo finished",
                 ],
-                inputs=[{"file_id": upload["file_id"], "path": "data/fox.txt"}],
+                inputs=[{"file_id": upload.file_id, "path": "data/fox.txt"}],
             )
         )
-        assert job["status"] == "queued"
+        assert job.status == "queued"
 
         statuses, lines = [], []
-        for event, payload in requester.events(job["id"]):
-            if event == "status":
-                statuses.append(payload["status"])
-            elif event == "log":
-                lines.append(payload["line"])
+        for event in requester.events(job.id):
+            if isinstance(event, StatusEvent):
+                statuses.append(event.job.status)
+            elif isinstance(event, LogEvent):
+                lines.append(event.line)
         assert statuses[-1] == "succeeded"
         assert "running" in statuses or "assigned" in statuses
         assert lines[0] == "start" and lines[-1] == "finished"
         assert lines[1].startswith("gpus=GPU-sim-")
 
-        final = requester.job(job["id"])
-        assert final["exit_code"] == 0
-        assert final["provider_id"] and final["started_at"] and final["finished_at"]
+        final = requester.job(job.id)
+        assert final.exit_code == 0
+        assert final.provider_id and final.started_at and final.finished_at
 
-        outputs = {o["path"]: o for o in requester.outputs(job["id"])}
+        outputs = {o.path: o for o in requester.outputs(job.id)}
         assert set(outputs) == {"sub/FOX.txt", "copy.txt"}
         expected = {"sub/FOX.txt": data.upper(), "copy.txt": data}
         for path, content in expected.items():
-            downloaded = requester.download(outputs[path]["download_url"])
-            assert downloaded == content
-            assert outputs[path]["size"] == len(content)
-            assert outputs[path]["sha256"] == hashlib.sha256(content).hexdigest()
+            downloaded = requester.download(outputs[path], tmp_path)
+            assert downloaded == tmp_path / path
+            assert downloaded.read_bytes() == content
+            assert outputs[path].size == len(content)
+            assert outputs[path].sha256 == hashlib.sha256(content).hexdigest()
 
-        log_text = requester.request("GET", f"/v1/jobs/{job['id']}/logs")
+        log_text = requester.logs(job.id)
         assert log_text.splitlines()[0] == "start"
         assert "finished" in log_text
 
     def test_nonzero_exit_fails_with_exit_code_and_log_tail(self, requester: Client) -> None:
         job = requester.submit(job_spec(["sh", "-c", "echo about to fail; exit 3"]))
-        final = wait_for(requester, job["id"], lambda j: j["finished_at"] is not None)
-        assert final["status"] == "failed"
-        assert final["exit_code"] == 3
-        assert "3" in final["failure_reason"]
-        assert "about to fail" in requester.request("GET", f"/v1/jobs/{job['id']}/logs")
+        final = wait_for(requester, job.id, lambda j: j.finished_at is not None)
+        assert final.status == "failed"
+        assert final.exit_code == 3
+        assert "3" in final.failure_reason
+        assert "about to fail" in requester.logs(job.id)
 
     def test_gpu_model_nobody_has_waits_with_reason(self, requester: Client) -> None:
         job = requester.submit(job_spec(["true"], resources={"gpus": 1, "gpu_models": ["H100"]}))
-        queued = wait_for(requester, job["id"], lambda j: j["waiting_reason"] is not None)
-        assert queued["status"] == "queued"
-        assert "H100" in queued["waiting_reason"]
-        assert "no provider" in queued["waiting_reason"]
-        cancelled = requester.request("POST", f"/v1/jobs/{job['id']}/cancel")
-        assert cancelled["status"] == "cancelled"
+        queued = wait_for(requester, job.id, lambda j: j.waiting_reason is not None)
+        assert queued.status == "queued"
+        assert "H100" in queued.waiting_reason
+        assert "no provider" in queued.waiting_reason
+        cancelled = requester.cancel(job.id)
+        assert cancelled.status == "cancelled"
 
     def test_more_gpus_than_any_machine_has_waits_with_reason(self, requester: Client) -> None:
         job = requester.submit(job_spec(["true"], resources={"gpus": 8}))
-        queued = wait_for(requester, job["id"], lambda j: j["waiting_reason"] is not None)
-        assert queued["status"] == "queued"
-        assert "8" in queued["waiting_reason"]
-        requester.request("POST", f"/v1/jobs/{job['id']}/cancel")
+        queued = wait_for(requester, job.id, lambda j: j.waiting_reason is not None)
+        assert queued.status == "queued"
+        assert "8" in queued.waiting_reason
+        requester.cancel(job.id)
 
     def test_cancel_running_job_stops_it_and_frees_its_gpu(self, requester: Client) -> None:
         job = requester.submit(job_spec(["sh", "-c", "echo sleeping; sleep 300"]))
-        wait_for(requester, job["id"], lambda j: j["status"] == "running")
-        requester.request("POST", f"/v1/jobs/{job['id']}/cancel")
-        final = wait_for(requester, job["id"], lambda j: j["finished_at"] is not None)
-        assert final["status"] == "cancelled"
+        wait_for(requester, job.id, lambda j: j.status == "running")
+        requester.cancel(job.id)
+        final = wait_for(requester, job.id, lambda j: j.finished_at is not None)
+        assert final.status == "cancelled"
         # Both simulated GPUs are free again.
-        wait_for(requester, job["id"], lambda _: _free_gpus(requester) == 2)
+        wait_for(requester, job.id, lambda _: _free_gpus(requester) == 2)
 
     def test_timeout_ends_timed_out(self, requester: Client) -> None:
         job = requester.submit(job_spec(["sleep", "60"], max_duration_s=2))
-        final = wait_for(requester, job["id"], lambda j: j["finished_at"] is not None)
-        assert final["status"] == "timed_out"
+        final = wait_for(requester, job.id, lambda j: j.finished_at is not None)
+        assert final.status == "timed_out"
 
     def test_jobs_list_holds_own_jobs_only(self, platform, requester: Client) -> None:  # type: ignore[no-untyped-def]
         mine = requester.submit(job_spec(["true"]))
         other = new_user(platform)
-        assert mine["id"] in [j["id"] for j in requester.request("GET", "/v1/jobs")]
-        assert mine["id"] not in [j["id"] for j in other.request("GET", "/v1/jobs")]
-        wait_for(requester, mine["id"], lambda j: j["finished_at"] is not None)
+        assert mine.id in [j.id for j in requester.jobs()]
+        assert mine.id not in [j.id for j in other.jobs()]
+        wait_for(requester, mine.id, lambda j: j.finished_at is not None)
 
 
 def _free_gpus(client: Client) -> int:
-    page = client.request("GET", "/v1/offers", params={"model": "RTX 4090"})
-    return sum(o["free_gpus"] for o in page["offers"])
+    page = client.offers(model=["RTX 4090"])
+    return sum(o.free_gpus for o in page.offers)
 
 
 class TestJobInputErrors:
@@ -150,7 +153,7 @@ class TestJobInputErrors:
     )
     def test_bad_spec_is_422_naming_the_field(self, requester: Client, spec, field) -> None:  # type: ignore[no-untyped-def]
         with pytest.raises(ApiError) as err:
-            requester.submit(spec)
+            requester.request("POST", "/v1/jobs", json=spec)
         assert err.value.status_code == 422
         assert field in [e["field"] for e in err.value.body["errors"]]
         assert err.value.body["detail"]
@@ -161,20 +164,18 @@ class TestJobInputErrors:
             ["true"], inputs=[{"file_id": "00000000-0000-0000-0000-000000000000", "path": "a"}]
         )
         with pytest.raises(ApiError) as err:
-            requester.submit(spec)
+            requester.request("POST", "/v1/jobs", json=spec)
         assert err.value.status_code == 422
         assert err.value.body["errors"][0]["field"] == "inputs.0.file_id"
         assert requester.request("GET", "/v1/jobs") == before
 
     def test_someone_elses_file_cannot_be_used(self, platform, requester: Client) -> None:  # type: ignore[no-untyped-def]
-        theirs = new_user(platform).upload("secret.txt", b"secret")
+        theirs = new_user(platform).upload(b"secret", "secret.txt")
         with pytest.raises(ApiError) as err:
-            requester.submit(
-                job_spec(["true"], inputs=[{"file_id": theirs["file_id"], "path": "s"}])
-            )
+            requester.submit(job_spec(["true"], inputs=[{"file_id": theirs.file_id, "path": "s"}]))
         assert err.value.status_code == 422
         with pytest.raises(ApiError) as err:
-            requester.request("GET", f"/v1/files/{theirs['file_id']}")
+            requester.request("GET", f"/v1/files/{theirs.file_id}")
         assert err.value.status_code == 404
 
 
@@ -269,7 +270,7 @@ class TestJobAccess:
             ("POST", "/cancel"),
         ]:
             with pytest.raises(ApiError) as err:
-                other.request(method, f"/v1/jobs/{job['id']}{suffix}")
+                other.request(method, f"/v1/jobs/{job.id}{suffix}")
             assert err.value.status_code == 404, suffix
         with pytest.raises(ApiError) as err:
             other.request("GET", "/v1/jobs/not-a-uuid")

@@ -60,8 +60,8 @@ def test_status_shows_what_the_platform_sees_with_earnings(
             "max_duration_s": 60,
         }
     )
-    done = wait_for(requester, job["id"], lambda j: j["status"] in TERMINAL, timeout=120)
-    assert done["status"] == "succeeded"
+    done = wait_for(requester, job.id, lambda j: j.status in TERMINAL, timeout=120)
+    assert done.status == "succeeded"
     local = platform.data_dir / "provider.json"
     result = cli("status", "--config", str(local), "--json")
     assert result.returncode == 0, result.stderr

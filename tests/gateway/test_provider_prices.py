@@ -4,6 +4,7 @@ daemon's credential, and with `provider-daemon price set`, against the real plat
 import contextlib
 import json
 from collections.abc import Iterator
+from decimal import Decimal
 from pathlib import Path
 
 import httpx
@@ -193,15 +194,15 @@ def test_a_job_placed_after_a_change_pays_the_new_price(
     spec = {"resources": {"gpus": 1, "gpu_models": ["RTX 4090"]}}
     running = requester.submit(job_spec(["sleep", "60"], **spec))
     try:
-        placed = wait_for(requester, running["id"], lambda j: j["status"] == "running", 120)
-        assert placed["provider_id"] == pid and placed["price_per_gpu_hour"] == before
+        placed = wait_for(requester, running.id, lambda j: j.status == "running", 120)
+        assert placed.provider_id == pid and placed.price_per_gpu_hour == Decimal(before)
         set_prices(local, pid, {"prices": {"RTX 4090": new}})
         after = requester.submit(job_spec(["true"], **spec))
         # The price is the job's from the moment it is placed.
-        placed = wait_for(requester, after["id"], lambda j: j["provider_id"] is not None, 120)
-        assert placed["provider_id"] == pid and placed["price_per_gpu_hour"] == new
-        assert requester.job(running["id"])["price_per_gpu_hour"] == before
+        placed = wait_for(requester, after.id, lambda j: j.provider_id is not None, 120)
+        assert placed.provider_id == pid and placed.price_per_gpu_hour == Decimal(new)
+        assert requester.job(running.id).price_per_gpu_hour == Decimal(before)
     finally:
         with contextlib.suppress(ApiError):
-            requester.request("POST", f"/v1/jobs/{running['id']}/cancel")
+            requester.cancel(running.id)
         set_prices(local, pid, {"prices": {"RTX 4090": before}})

@@ -81,9 +81,9 @@ def test_up_runs_sample_job_stops_cleanly_and_restarts_with_its_state(tmp_path: 
         accounts = json.loads((data_dir / "dev-accounts.json").read_text())
         client = Client(f"http://127.0.0.1:{port}")
         client.login(accounts["requester"]["email"], accounts["requester"]["password"])
-        jobs = client.request("GET", "/v1/jobs")
-        assert [j["status"] for j in jobs] == ["succeeded"]
-        assert client.outputs(jobs[0]["id"])[0]["path"] == "result.txt"
+        jobs = client.jobs()
+        assert [j.status for j in jobs] == ["succeeded"]
+        assert client.outputs(jobs[0].id)[0].path == "result.txt"
     finally:
         if proc.poll() is None:
             stop(proc, data_dir)

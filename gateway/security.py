@@ -30,6 +30,7 @@ class Principal:
     email: str
     kind: Literal["session", "api_key"]
     session_id: str | None = None
+    api_key_id: str | None = None
 
     @property
     def is_admin(self) -> bool:
@@ -133,6 +134,7 @@ async def current_principal(
         email=found["email"],
         kind=found["kind"],
         session_id=found.get("session_id"),
+        api_key_id=found.get("api_key_id"),
     )
     await request.app.state.limiter.check(
         "principal", principal.id, request.app.state.settings.rate_limit_per_principal

@@ -13,6 +13,7 @@ from gpumarket.admin import admin_app
 from gpumarket.bench import run_jobs_bench
 from gpumarket.bench_heartbeats import run_heartbeats_bench
 from gpumarket.bench_scheduling import DECISION_MACHINES, BenchError, Via, run_scheduling_bench
+from gpumarket.commands import account, jobs, market
 from gpumarket.localstack.process import free_port
 from gpumarket.platform import DEFAULT_SIMULATED_GPUS, LocalPlatform
 from gpumarket.sample import (
@@ -23,12 +24,15 @@ from gpumarket.sample import (
 )
 
 app = typer.Typer(
-    help="GPU marketplace: run it locally, submit and follow jobs.", no_args_is_help=True
+    help="GPU marketplace: submit and follow jobs, see the market; run it all locally.",
+    no_args_is_help=True,
 )
 console = Console()
 bench_app = typer.Typer(help="Benchmarks that print figures (see BENCHMARKS.md).")
-app.add_typer(bench_app, name="bench")
-app.add_typer(admin_app, name="admin")
+for requester_commands in (account.app, jobs.app, market.app):
+    app.add_typer(requester_commands)
+app.add_typer(bench_app, name="bench", rich_help_panel="Operators")
+app.add_typer(admin_app, name="admin", rich_help_panel="Operators")
 
 
 def _raise_interrupt(signum: int, _: FrameType | None) -> None:
@@ -51,7 +55,7 @@ def start_everything(platform: LocalPlatform, console: Console) -> dict[str, dic
     return accounts
 
 
-@app.command()
+@app.command(rich_help_panel="Operators")
 def up(
     port: int = typer.Option(8000, help="Port of the gateway (the public API)."),
     data_dir: Path = typer.Option(Path(".gpumarket"), help="Where all state is kept."),
@@ -85,7 +89,7 @@ def up(
         console.print("stopped")
 
 
-@app.command()
+@app.command(rich_help_panel="Operators")
 def migrate(database_url: str = typer.Option(..., envvar="GPUMARKET_DATABASE_URL")) -> None:
     """Brings the database schema up to date (Alembic upgrade head)."""
     from migrations.runner import upgrade

@@ -13,6 +13,7 @@ from auth_service.schemas import (
     TokenOut,
     UserOut,
 )
+from common.errors import Forbidden
 from gateway.api import deps
 from gateway.clients import ServiceClient
 from gateway.security import Principal, current_principal, require_session
@@ -105,7 +106,11 @@ async def list_api_keys(
 @router.delete("/v1/api-keys/{key_id}", response_model=ApiKeyOut)
 async def revoke_api_key(
     key_id: str,
-    principal: Principal = Depends(require_session),
+    principal: Principal = Depends(current_principal),
     auth: ServiceClient = Depends(deps.auth),
 ) -> dict:
+    """Revokes one of the caller's keys. A key may revoke itself (`gpumarket logout`)
+    but no other: a leaked key can't lock its owner's other scripts out."""
+    if principal.kind != "session" and principal.api_key_id != key_id:
+        raise Forbidden("log in to do this; an API key can only revoke itself")
     return await auth.request("DELETE", f"/internal/users/{principal.id}/api-keys/{key_id}")

@@ -14,6 +14,7 @@ import httpx
 import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
+from httpx_retries import Retry
 
 from gpumarket.client import ApiError, Client
 from gpumarket.platform import LocalPlatform
@@ -38,8 +39,14 @@ def status_with(platform: LocalPlatform, token: str, path: str = "/v1/me") -> in
     return response.status_code
 
 
+NO_RETRY = Retry(total=0)
+
+
 def anonymous(platform: LocalPlatform) -> Client:
-    return Client(platform.gateway_url, headers={"X-Forwarded-For": client_address()})
+    # No retries: these tests want to see the 429s themselves.
+    return Client(
+        platform.gateway_url, headers={"X-Forwarded-For": client_address()}, retry=NO_RETRY
+    )
 
 
 async def _signing_key(platform: LocalPlatform, kid: str) -> str:
@@ -56,15 +63,15 @@ class TestRegisterAndLogin:
         client = anonymous(platform)
         email = f"Alice-{secrets.token_hex(3)}@Example.COM"
         user = client.register(f"  {email} ", "a-good-password", ["provider", "requester"])
-        assert user["email"] == email.lower()
-        assert user["roles"] == ["requester", "provider"] and user["disabled"] is False
+        assert user.email == email.lower()
+        assert user.roles == ["requester", "provider"] and user.disabled is False
         login = client.request(
             "POST", "/v1/auth/login", json={"email": email, "password": "a-good-password"}
         )
         assert login["token_type"] == "bearer" and 0 < login["expires_in"] <= 900
         assert login["refresh_token"].startswith("gpmr_") and login["refresh_expires_in"] > 0
         client.token = login["access_token"]
-        assert client.request("GET", "/v1/me")["id"] == user["id"]
+        assert client.me().id == user.id
 
     def test_duplicate_email_is_409(self, platform) -> None:  # type: ignore[no-untyped-def]
         client = anonymous(platform)
@@ -285,6 +292,19 @@ class TestApiKeys:
             by_key.request("GET", "/v1/me")
         assert err.value.status_code == 401
 
+    def test_a_key_may_revoke_itself_but_no_other_key(self, requester: Client, platform) -> None:  # type: ignore[no-untyped-def]
+        first = requester.create_api_key("laptop")
+        second = requester.create_api_key("ci")
+        by_first = Client(platform.gateway_url, token=first.key)
+        with pytest.raises(ApiError) as err:
+            by_first.revoke_api_key(second.id)
+        assert err.value.status_code == 403
+        assert by_first.revoke_api_key(first.id).revoked_at is not None
+        with pytest.raises(ApiError) as err:
+            by_first.me()
+        assert err.value.status_code == 401
+        assert Client(platform.gateway_url, token=second.key).me().id == requester.me().id
+
     def test_a_key_cannot_be_scoped_beyond_its_user(self, requester: Client) -> None:
         with pytest.raises(ApiError) as err:
             requester.request("POST", "/v1/api-keys", json={"name": "x", "roles": ["admin"]})
@@ -467,7 +487,7 @@ class TestFrontDoor:
             "env": {"A": "x" * 9_000_000},
         }
         with pytest.raises(ApiError) as err:
-            requester.submit(big)
+            requester.request("POST", "/v1/jobs", json=big)
         assert err.value.status_code == 413
         assert err.value.body["errors"][0]["field"] == "body"
         assert requester.request("GET", "/v1/jobs") == []  # nothing half-written

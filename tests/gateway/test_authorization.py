@@ -20,6 +20,7 @@ from tests.fixtures.platform import join_machine, new_user
 PUBLIC = "public"  # no credential needed (or the body carries its own, like a join token)
 USER = "user"  # any user, by access token or API key
 SESSION = "session"  # a logged-in user; API keys can't manage credentials
+SESSION_OR_SELF = "session or self"  # a logged-in user, or an API key revoking itself
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,7 @@ RULES: dict[tuple[str, str], Rule] = {
     ("GET", "/v1/me"): Rule(USER),
     ("POST", "/v1/api-keys"): Rule(SESSION, body={"name": "k"}),
     ("GET", "/v1/api-keys"): Rule(SESSION),
-    ("DELETE", "/v1/api-keys/{key_id}"): Rule(SESSION, owns="api_key"),
+    ("DELETE", "/v1/api-keys/{key_id}"): Rule(SESSION_OR_SELF, owns="api_key"),
     ("POST", "/v1/files"): Rule("requester", body={"filename": "f", "size": 1}),
     ("GET", "/v1/files/{file_id}"): Rule("requester", owns="file"),
     ("POST", "/v1/jobs"): Rule("requester", body=JOB_BODY),
@@ -94,6 +95,8 @@ RULES: dict[tuple[str, str], Rule] = {
 REFUSED: dict[str, dict[str, int]] = {
     USER: {"agent": 401},
     SESSION: {"agent": 401, "requester_key": 403},
+    # The key revoked is the requester's: the provider's key may not touch it.
+    SESSION_OR_SELF: {"agent": 401, "provider_key": 403},
     "requester": {"provider": 403, "agent": 401, "provider_key": 403},
     "provider": {"requester": 403, "agent": 401, "requester_key": 403},
     "admin": {"requester": 403, "provider": 403, "agent": 401, "requester_key": 403},
@@ -133,7 +136,7 @@ def world(platform: LocalPlatform, admin: Client) -> World:
 
     def job_of(client: Client) -> str:
         spec = {**JOB_BODY, "resources": {"gpu_models": ["no-such-gpu"]}}
-        return client.submit(spec)["id"]
+        return client.submit(spec).id
 
     def key_of(client: Client, roles: list[str]) -> dict:
         return client.request("POST", "/v1/api-keys", json={"name": "k", "roles": roles})
@@ -154,7 +157,7 @@ def world(platform: LocalPlatform, admin: Client) -> World:
         },
         foreign={
             "job": job_of(stranger),
-            "file": stranger.upload("f.txt", b"x")["file_id"],
+            "file": stranger.upload(b"x", "f.txt").file_id,
             "provider": foreign_machine["provider_id"],
             "api_key": foreign_key["id"],
             # A job sent to no one: not a task of the caller's machine.
@@ -162,7 +165,7 @@ def world(platform: LocalPlatform, admin: Client) -> World:
         },
         own={
             "job": job_of(requester),
-            "file": requester.upload("f.txt", b"x")["file_id"],
+            "file": requester.upload(b"x", "f.txt").file_id,
             "provider": own_machine["provider_id"],
             "api_key": requester_key["id"],
             "user": stranger.request("GET", "/v1/me")["id"],
@@ -188,7 +191,9 @@ def fill(path: str, object_id: str) -> str:
 
 
 def caller_for(rule: Rule) -> str:
-    return {USER: "requester", SESSION: "requester"}.get(rule.who, rule.who)
+    return {USER: "requester", SESSION: "requester", SESSION_OR_SELF: "requester"}.get(
+        rule.who, rule.who
+    )
 
 
 ROUTES = sorted(RULES)

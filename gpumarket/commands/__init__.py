@@ -1,0 +1,2 @@
+"""The requester's commands (`gpumarket login`, `submit`, `jobs`, `logs`, ...), merged
+into the `gpumarket` CLI."""

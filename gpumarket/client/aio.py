@@ -180,7 +180,7 @@ class AsyncClient(ClientBase):
             )
         else:
             size, content, name = len(source), source, "data"
-        record = self.send(calls.create_file(filename or name, size))
+        record = await self.send(calls.create_file(filename or name, size))
         response = await self.storage.put(
             record.upload_url, content=content, headers={"Content-Length": str(size)}
         )

@@ -82,7 +82,10 @@ class TestPullEvents:
         statuses = [data["status"] for kind, data in received if kind == "status"]
         assert pulls, received
         assert all(set(p) == PULL_FIELDS for p in pulls)
-        assert {(p["attempt"], p["image"]) for p in pulls} == {(0, registry_image)}
+        # Another test's simulated machine may take the first attempt and vanish: the
+        # pulls are the attempt that ran.
+        ran = [data for kind, data in received if kind == "status"][-1]["attempt"]
+        assert {(p["attempt"], p["image"]) for p in pulls} == {(ran, registry_image)}
         assert [p["status"] for p in pulls[:-1]] == ["pulling"] * (len(pulls) - 1)
         last = pulls[-1]
         # The sample image's layer was there; the fresh one was pulled.
@@ -94,4 +97,4 @@ class TestPullEvents:
         assert max(i for i, step in enumerate(order) if step == "pull") < order.index("running")
         assert statuses[-1] == "succeeded"
         assert received[-1] == ("end", {"status": "succeeded"})
-        assert ("log", {"attempt": 0, "line": "pulled"}) in received
+        assert ("log", {"attempt": ran, "line": "pulled"}) in received

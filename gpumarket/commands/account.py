@@ -39,6 +39,7 @@ def login(
     expires_in_days: int = typer.Option(
         90, min=1, max=3650, help="How long the key made for this machine stays valid."
     ),
+    as_json: bool = JSON_OPTION,
 ) -> None:
     """Logs in and keeps an API key for this machine in your config dir (mode 0600)."""
     previous = credentials.load()
@@ -60,20 +61,24 @@ def login(
     where = credentials.save(saved)
     if previous is not None and previous.key_id and previous.key_id != saved.key_id:
         _revoke(previous)
-    err.print(f"logged in to {api} as {saved.email}; key saved in {where}", highlight=False)
+    if as_json:
+        print_json({"api": api, "email": saved.email, "key_id": saved.key_id, "file": str(where)})
+    else:
+        err.print(f"logged in to {api} as {saved.email}; key saved in {where}", highlight=False)
 
 
 @app.command(rich_help_panel=PANEL)
 @handles_errors
-def logout() -> None:
+def logout(as_json: bool = JSON_OPTION) -> None:
     """Revokes this machine's API key and forgets it."""
     saved = credentials.load()
-    if saved is None:
-        err.print("not logged in")
-        return
-    _revoke(saved)
-    credentials.forget()
-    err.print(f"logged out of {saved.api}", highlight=False)
+    if saved is not None:
+        _revoke(saved)
+        credentials.forget()
+    if as_json:
+        print_json({"logged_out": saved is not None, "api": saved.api if saved else None})
+    else:
+        err.print(f"logged out of {saved.api}" if saved else "not logged in", highlight=False)
 
 
 def _revoke(saved: Credentials) -> None:

@@ -251,7 +251,7 @@ class TestLogin:
         assert cli.json("whoami")["email"] == me.email  # type: ignore[index]
         assert cli.json("balance")["available"] == "1000.000000"  # type: ignore[index]
 
-        assert cli("logout").returncode == 0
+        assert cli.json("logout") == {"logged_out": True, "api": platform.gateway_url}
         assert not saved.exists()
         with pytest.raises(ApiError) as revoked:
             Client(platform.gateway_url, token=key).me()

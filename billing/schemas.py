@@ -15,12 +15,15 @@ Amount = Annotated[
     Decimal, PlainSerializer(lambda d: f"{credits(d):f}", return_type=str, when_used="json")
 ]
 
+# What one top-up may add.
+CreditAmount = Annotated[Decimal, Field(gt=0, le=1_000_000_000, max_digits=16, decimal_places=6)]
+
 
 class CreditRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     user_id: SafeStr = Field(min_length=1, max_length=36)
-    amount: Decimal = Field(gt=0, le=1_000_000_000, max_digits=16, decimal_places=6)
+    amount: CreditAmount
     # Credits once per reference: a retried top-up (or payment webhook) changes nothing.
     reference: SafeStr | None = Field(
         default=None, min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:-]+$"

@@ -87,19 +87,25 @@ class LogBatch(Contract):
 PullStatus = Literal["pulling", "done", "failed"]
 
 
-class PullProgress(Contract):
-    """On pulls.<provider_id>.<job_id> (core NATS): how far the machine is in pulling the
-    job attempt's image; at most ~2 a second while pulling, then one "done" or "failed"."""
+class PullState(Contract):
+    """How far a machine has got in pulling an image."""
 
-    job_id: str
-    attempt: int
-    image: str
     status: PullStatus
     layers_done: int = 0
     layers_total: int = 0
     # Over the layers whose size the engine has told so far, so both may grow.
     bytes_done: int = 0
     bytes_total: int = 0
+
+
+class PullProgress(PullState):
+    """On pulls.<provider_id>.<job_id> (core NATS): the pull of a job attempt's image, at
+    most ~2 a second while pulling, then one "done" or "failed"; the gateway passes it
+    on as the job's SSE `pull` event."""
+
+    job_id: str
+    attempt: int
+    image: str
 
 
 class GpuMetrics(Contract):

@@ -1,7 +1,6 @@
 """Job submission, live event streams and logs, on top of the scheduler's job store."""
 
 import asyncio
-import json
 import logging
 from collections.abc import AsyncIterator
 
@@ -18,7 +17,7 @@ from common.errors import Invalid
 from common.ids import is_uuid
 from common.messages import JobSubmitted, LogBatch, PullProgress
 from gateway.clients import ServiceClient, ServiceUnavailable, UpstreamError
-from gateway.schemas import JobArrayOut, JobArrayRequest
+from gateway.schemas import JobArrayOut, JobArrayRequest, LogLine, StreamEnd
 from gateway.storage import presign
 from scheduler import job_store, states
 from scheduler.models import Job
@@ -191,23 +190,19 @@ async def stream_events(
             # A pull comes before the container's output, so its progress goes first.
             arrived, pulls[:] = pulls[:], []
             for progress in arrived:
-                yield {"event": "pull", "data": json.dumps(_pull_event(progress))}
+                yield {"event": "pull", "data": progress.model_dump_json()}
             for batch in drained:
                 for line in batch.lines:
                     yield {
                         "event": "log",
-                        "data": json.dumps({"attempt": batch.attempt, "line": line}),
+                        "data": LogLine(attempt=batch.attempt, line=line).model_dump_json(),
                     }
             if job.status in states.TERMINAL and job.finished_at is not None and not drained:
-                yield {"event": "end", "data": json.dumps({"status": job.status})}
+                yield {"event": "end", "data": StreamEnd(status=job.status).model_dump_json()}
                 return
     finally:
         await sub.unsubscribe()
         await pull_sub.unsubscribe()
-
-
-def _pull_event(progress: PullProgress) -> dict:
-    return progress.model_dump(mode="json", exclude={"job_id"})
 
 
 async def _drain_logs(sub, wait_s: float) -> list[LogBatch]:  # type: ignore[no-untyped-def]

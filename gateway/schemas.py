@@ -30,6 +30,19 @@ class JobArrayRequest(BaseModel):
     count: int | None = Field(default=None, ge=1, le=MAX_ARRAY_JOBS)
 
 
+class LogLine(BaseModel):
+    """The SSE `log` event: one line the job wrote."""
+
+    attempt: int
+    line: str
+
+
+class StreamEnd(BaseModel):
+    """The SSE `end` event: the job is over and every line was sent."""
+
+    status: str
+
+
 class JobArrayOut(BaseModel):
     array_id: str
     count: int

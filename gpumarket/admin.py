@@ -7,15 +7,17 @@ local platform started by `gpumarket up`.
 
 import asyncio
 import json
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from pathlib import Path
 
 import typer
+from pydantic import TypeAdapter, ValidationError
 from rich.console import Console
 
 from auth_service import accounts
 from auth_service.settings import AuthSettings
 from billing import funding
+from billing.schemas import CreditAmount
 from common.db import make_engine, make_sessionmaker
 from common.errors import DomainError
 from gpumarket.localstack import postgres
@@ -90,15 +92,12 @@ async def grant_credits(
 
 def _amount(value: str) -> Decimal:
     try:
-        amount = Decimal(value)
-    except InvalidOperation:
-        amount = Decimal(0)
-    if not amount.is_finite() or not 0 < amount <= 1_000_000_000 or amount != round(amount, 6):
+        return TypeAdapter(CreditAmount).validate_python(value)
+    except ValidationError:
         raise typer.BadParameter(
             "a number of credits above 0, at most 1e9, with up to 6 decimals",
             param_hint="AMOUNT",
-        )
-    return amount
+        ) from None
 
 
 @admin_app.command("credit")

@@ -79,4 +79,4 @@ def forget() -> bool:
 
 
 class CredentialsError(Exception):
-    pass
+    """The saved login can't be read; logging in again writes a good one."""

@@ -20,8 +20,9 @@ from docker.models.containers import Container
 from docker.types import DeviceRequest, Ulimit
 from docker.utils import parse_repository_tag
 
+from common.messages import PullState
 from provider_daemon.errors import DaemonError, InfrastructureError
-from provider_daemon.pull_progress import PullState, PullTracker
+from provider_daemon.pull_progress import PullTracker
 
 log = logging.getLogger(__name__)
 

@@ -23,20 +23,11 @@ stream that was answered with 200, which docker-py does not raise for.
 from dataclasses import dataclass
 from typing import Any
 
-from common.messages import PullStatus
+from common.messages import PullState, PullStatus
 
 
 class PullFailed(Exception):
     """The engine reported an error inside the pull stream; holds its own words."""
-
-
-@dataclass(frozen=True)
-class PullState:
-    status: PullStatus
-    layers_done: int = 0
-    layers_total: int = 0
-    bytes_done: int = 0
-    bytes_total: int = 0
 
 
 @dataclass
@@ -111,9 +102,15 @@ class PullTracker:
         sized = [layer for layer in layers if layer.total is not None]
         bytes_total = sum(layer.total or 0 for layer in sized)
         if status == "done":
-            return PullState(status, len(layers), len(layers), bytes_total, bytes_total)
+            return PullState(
+                status=status,
+                layers_done=len(layers),
+                layers_total=len(layers),
+                bytes_done=bytes_total,
+                bytes_total=bytes_total,
+            )
         return PullState(
-            status,
+            status=status,
             layers_done=sum(layer.done for layer in layers),
             layers_total=len(layers),
             bytes_done=sum(min(layer.current, layer.total or 0) for layer in sized),

@@ -7,7 +7,7 @@ says whose fault it was, and the container and work dir are always removed.
 import asyncio
 import concurrent.futures
 import logging
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -15,7 +15,7 @@ from typing import Any, Literal
 from docker.errors import APIError
 from docker.models.containers import Container
 
-from common.messages import JobEvent, OutputFile, PullProgress, TaskAssignment
+from common.messages import JobEvent, OutputFile, PullProgress, PullState, TaskAssignment
 from provider_daemon.agent_api import AgentApi
 from provider_daemon.containers import (
     LABEL_ATTEMPT,
@@ -28,7 +28,6 @@ from provider_daemon.containers import (
 from provider_daemon.errors import InfrastructureError
 from provider_daemon.logstream import LogPump
 from provider_daemon.publisher import Publisher
-from provider_daemon.pull_progress import PullState
 from provider_daemon.workspace import (
     JobDir,
     create_job_dir,
@@ -175,7 +174,7 @@ class TaskRun:
     async def _report_pull(self, state: PullState) -> None:
         task = self.task
         progress = PullProgress(
-            job_id=task.job_id, attempt=task.attempt, image=task.image, **asdict(state)
+            job_id=task.job_id, attempt=task.attempt, image=task.image, **state.model_dump()
         )
         await self.deps.publisher.pull_progress(progress)
 

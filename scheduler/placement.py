@@ -23,7 +23,7 @@ from common.gpu_models import canonical_model
 from common.messages import TaskAssignment, TaskInput
 from common.types import version_number
 from provider_registry import capacity
-from scheduler import queue_order, states
+from scheduler import queue_order, retries, states
 from scheduler.fleet_index import Demand, FleetIndex
 from scheduler.fleet_sync import FleetSync
 from scheduler.models import Job
@@ -213,10 +213,5 @@ async def unassign(session: AsyncSession, job_id: str, attempt: int, reason: str
     if job is None or job.status != states.ASSIGNED or job.attempt != attempt:
         return
     await capacity.release(session, job.id)
-    job.status = states.QUEUED
-    job.provider_id = None
-    job.gpu_uuids = []
-    job.price_per_gpu_hour = None
-    job.gpu_model = None
-    job.assigned_at = None
+    retries.unplace(job)
     job.waiting_reason = reason

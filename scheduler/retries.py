@@ -41,6 +41,22 @@ class Stopped:
     ended: EndedAttempt | None = field(default=None, compare=False)
 
 
+def unplace(job: Job) -> None:
+    """Back to queued, with no trace of where it was placed (its GPUs are released by
+    the caller): machine, GPUs, price, and the times of the attempt."""
+    job.status = states.QUEUED
+    job.provider_id = None
+    job.gpu_uuids = []
+    job.price_per_gpu_hour = None
+    job.gpu_model = None
+    job.assigned_at = None
+    job.accepted_at = None
+    job.started_at = None
+    job.started_seen_at = None
+    job.stop_requested_at = None
+    job.exit_code = None
+
+
 async def requeue_or_fail(
     session: AsyncSession,
     job: Job,
@@ -66,17 +82,7 @@ async def requeue_or_fail(
     if avoid_provider and provider_id and provider_id not in job.avoid_providers:
         job.avoid_providers = [*job.avoid_providers, provider_id]
     job.attempt += 1
-    job.status = states.QUEUED
-    job.provider_id = None
-    job.gpu_uuids = []
-    job.price_per_gpu_hour = None
-    job.gpu_model = None
-    job.assigned_at = None
-    job.accepted_at = None
-    job.started_at = None
-    job.started_seen_at = None
-    job.stop_requested_at = None
-    job.exit_code = None
+    unplace(job)
     delay = policy.delay_s(job.attempt)
     job.not_before = datetime.now(UTC) + timedelta(seconds=delay)
     job.waiting_reason = f"retrying in {delay:g} s (attempt {job.attempt + 1}): {reason}"

@@ -1,6 +1,7 @@
 """The scheduler's side of billing: what a job holds at submission, which attempt ended
 how, and settling finished jobs in the same transaction that ended them."""
 
+from collections.abc import Sequence
 from datetime import datetime
 from decimal import Decimal
 
@@ -84,7 +85,7 @@ async def settle(
     session: AsyncSession,
     settings: BillingSettings,
     jobs: list[Job],
-    ended: list[settlement.EndedAttempt | None] = (),  # type: ignore[assignment]
+    ended: Sequence[settlement.EndedAttempt | None] = (),
 ) -> list[settlement.Charged]:
     """Charges the ended attempts and settles whichever of `jobs` have finished."""
     return await settlement.settle(

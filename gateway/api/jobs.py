@@ -95,7 +95,7 @@ async def job_events(
 
     - `status`: the job (as `GET /v1/jobs/{id}`) on each state change;
     - `pull`: while the machine pulls the job's image, at most ~2 a second and then a last
-      one with `status` "done" or "failed": `{"attempt", "image", "status": "pulling" |
+      one with `status` "done" or "failed": `{"job_id", "attempt", "image", "status": "pulling" |
       "done" | "failed", "layers_done", "layers_total", "bytes_done", "bytes_total"}`
       (bytes over the layers whose size is known so far, so totals may grow). Live only:
       a pull that ended before the stream was opened is not replayed;

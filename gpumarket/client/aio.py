@@ -38,25 +38,15 @@ from gpumarket.client.base import (
     raw_body,
 )
 from gpumarket.client.calls import Call
-from gpumarket.client.errors import ApiError, TransferError
-from gpumarket.client.events import EndEvent, JobEvent, Resume, parse_event
-from gpumarket.client.transfer import (
-    CHUNK,
-    AsyncFileChunks,
-    Download,
-    Progress,
-    destination,
-    matches,
-)
+from gpumarket.client.errors import ApiError
+from gpumarket.client.events import EndEvent, JobEvent, Resume
+from gpumarket.client.transfer import CHUNK, AsyncFileChunks, Download, Progress, Upload, refused
 from provider_registry.schemas import OfferFilters, OfferPage, ProviderOut
 from scheduler import states
 from scheduler.schemas import JobOut, JobSpec
 from storage_service.schemas import FileOut, FileUpload
 
 T = TypeVar("T")
-
-# How often a dropped event stream is reopened in a row before giving up.
-STREAM_RECONNECTS = 5
 
 
 class AsyncClient(ClientBase):
@@ -172,25 +162,12 @@ class AsyncClient(ClientBase):
         self, source: Path | bytes, filename: str | None = None, progress: Progress | None = None
     ) -> FileUpload:
         """Registers a file and PUTs its bytes (read in chunks) to its presigned URL."""
-        if isinstance(source, Path):
-            size, content, name = (
-                (await asyncio.to_thread(source.stat)).st_size,
-                AsyncFileChunks(source, progress),
-                source.name,
-            )
-        else:
-            size, content, name = len(source), source, "data"
-        record = await self.send(calls.create_file(filename or name, size))
+        upload = await asyncio.to_thread(Upload.of, source, filename, progress, AsyncFileChunks)
+        record = await self.send(calls.create_file(upload.filename, upload.size))
         response = await self.storage.put(
-            record.upload_url, content=content, headers={"Content-Length": str(size)}
+            record.upload_url, content=upload.content, headers={"Content-Length": str(upload.size)}
         )
-        if response.is_error:
-            raise TransferError(
-                f"uploading {record.filename}: storage answered {response.status_code}: "
-                f"{response.text[:300]}"
-            )
-        if isinstance(source, bytes) and progress:
-            progress(size)
+        upload.sent(response, progress)
         return record
 
     async def file(self, file_id: str) -> FileOut:
@@ -241,57 +218,42 @@ class AsyncClient(ClientBase):
         """The job's status changes, log lines and image pulls, live, until it ends. A
         dropped connection is reopened without repeating what was already yielded."""
         resume = Resume()
-        failures = 0
         timeout = httpx.Timeout(self.http.timeout.connect or 30.0, read=read_timeout)
+        path = calls.events_path(job_id)
         while True:
+            error: httpx.TransportError | None = None
             try:
                 async with aconnect_sse(
-                    self.http,
-                    "GET",
-                    calls.events_path(job_id),
-                    headers=self._headers(),
-                    timeout=timeout,
+                    self.http, "GET", path, headers=self._headers(), timeout=timeout
                 ) as source:
                     if source.response.is_error:
                         await source.response.aread()
                         raise ApiError.from_response(source.response)
-                    resume.reconnected()
+                    resume.connected()
                     async for sse in source.aiter_sse():
-                        event = parse_event(sse.event, sse.data)
-                        if event is None or not resume.fresh(event):
-                            continue
-                        failures = 0
-                        yield event
-                        if isinstance(event, EndEvent):
-                            return
-            except httpx.TransportError:
-                if failures >= STREAM_RECONNECTS:
-                    raise
-            failures += 1
-            await asyncio.sleep(min(0.25 * 2**failures, 5.0))
+                        if (event := resume.accept(sse.event, sse.data)) is not None:
+                            yield event
+                            if isinstance(event, EndEvent):
+                                return
+            except httpx.TransportError as exc:
+                error = exc
+            await asyncio.sleep(resume.dropped(error))
 
     async def download(
         self, output: OutputOut, root: Path, progress: Progress | None = None
     ) -> Path:
         """One output under `root` (its path kept), checked against its size and sha256;
         a file already there with the same bytes is not fetched again."""
-        dest = destination(root, output.path)
-        if matches(dest, output.size, output.sha256):
-            if progress:
-                progress(output.size)
-            return dest
-        download = Download(dest, output.size, output.sha256)
+        download = await asyncio.to_thread(Download.start, output, root, progress)
+        if isinstance(download, Path):
+            return download
         try:
             async with self.storage.stream("GET", output.download_url) as response:
                 if response.is_error:
                     await response.aread()
-                    raise TransferError(
-                        f"downloading {output.path}: storage answered {response.status_code}"
-                    )
+                    raise refused(f"downloading {output.path}", response)
                 async for chunk in response.aiter_bytes(CHUNK):
                     download.write(chunk)
-                    if progress:
-                        progress(len(chunk))
             return download.finish()
         except BaseException:
             download.abort()

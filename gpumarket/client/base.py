@@ -58,10 +58,9 @@ class ClientBase:
         self.headers = {"User-Agent": user_agent(), **(headers or {})}
 
     def _headers(self, call: Call[Any] | None = None) -> dict[str, str]:
-        headers = dict(call.headers) if call else {}
         if self.token and not (call and call.anonymous):
-            headers["Authorization"] = f"Bearer {self.token}"
-        return headers
+            return {"Authorization": f"Bearer {self.token}"}
+        return {}
 
     def _should_refresh(self, call: Call[Any], response: httpx.Response) -> bool:
         return response.status_code == 401 and bool(self.refresh_token) and not call.anonymous

@@ -4,7 +4,7 @@ each other and with the gateway, whose own pydantic schemas type the bodies."""
 
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, Generic, TypeVar
 
@@ -52,7 +52,6 @@ class Call(Generic[T]):
     body: BaseModel | None = None
     # Sent without the bearer token (register, login, refresh).
     anonymous: bool = False
-    headers: dict[str, str] = field(default_factory=dict)
 
     def json(self) -> Any:
         return None if self.body is None else self.body.model_dump(mode="json", exclude_unset=True)

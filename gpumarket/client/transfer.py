@@ -6,8 +6,12 @@ import asyncio
 import hashlib
 import os
 from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+import httpx
+
+from gateway.schemas import OutputOut
 from gpumarket.client.errors import TransferError
 
 CHUNK = 1 << 20
@@ -52,6 +56,39 @@ class AsyncFileChunks(FileChunks):
                 yield self._count(chunk)
 
 
+@dataclass(frozen=True)
+class Upload:
+    """What one PUT sends: a file (read in chunks) or bytes."""
+
+    filename: str
+    size: int
+    content: bytes | FileChunks
+
+    @classmethod
+    def of(
+        cls,
+        source: Path | bytes,
+        filename: str | None,
+        progress: Progress | None,
+        chunks: type[FileChunks] = FileChunks,
+    ) -> "Upload":
+        if isinstance(source, Path):
+            return cls(filename or source.name, source.stat().st_size, chunks(source, progress))
+        return cls(filename or "data", len(source), source)
+
+    def sent(self, response: httpx.Response, progress: Progress | None) -> None:
+        """Checks storage's answer; bytes (not read in chunks) count as moved only now."""
+        if response.is_error:
+            raise refused(f"uploading {self.filename}", response)
+        if isinstance(self.content, bytes) and progress:
+            progress(self.size)
+
+
+def refused(what: str, response: httpx.Response) -> TransferError:
+    """Storage's refusal, with its own words when it gave them (read the body first)."""
+    return TransferError(f"{what}: storage answered {response.status_code}: {response.text[:300]}")
+
+
 def destination(root: Path, relative: str) -> Path:
     """Where an output named `relative` goes under `root`; never outside it."""
     parts = PurePosixPath(relative).parts
@@ -74,20 +111,33 @@ def matches(path: Path, size: int, sha256: str) -> bool:
 class Download:
     """Bytes of one output written beside their destination, checked, then renamed."""
 
-    def __init__(self, dest: Path, size: int, sha256: str) -> None:
+    def __init__(self, dest: Path, size: int, sha256: str, progress: Progress | None) -> None:
         self.dest = dest
         self.size = size
         self.sha256 = sha256
+        self.progress = progress
         dest.parent.mkdir(parents=True, exist_ok=True)
         self.partial = dest.with_name(f".{dest.name}.part")
         self.file = self.partial.open("wb")
         self.digest = hashlib.sha256()
         self.written = 0
 
+    @classmethod
+    def start(cls, output: OutputOut, root: Path, progress: Progress | None) -> "Download | Path":
+        """A download of `output` under `root`, or the file already there with its bytes."""
+        dest = destination(root, output.path)
+        if matches(dest, output.size, output.sha256):
+            if progress:
+                progress(output.size)
+            return dest
+        return cls(dest, output.size, output.sha256, progress)
+
     def write(self, chunk: bytes) -> None:
         self.file.write(chunk)
         self.digest.update(chunk)
         self.written += len(chunk)
+        if self.progress:
+            self.progress(len(chunk))
 
     def finish(self) -> Path:
         self.file.close()

@@ -5,6 +5,7 @@ from decimal import Decimal
 from pathlib import Path
 
 import typer
+from rich import filesize
 from rich.table import Table
 
 from billing.amounts import show
@@ -222,22 +223,13 @@ def download_all(
         for output in outputs:
             saved.append((output, api.download(output, directory, advance)))
     if not quiet:
-        total = show_bytes(sum(o.size for o in outputs))
+        total = filesize.decimal(sum(o.size for o in outputs))
         err.print(f"{len(saved)} output file(s), {total}, in {directory}/", highlight=False)
     return saved
 
 
 def _saved(output: OutputOut, path: Path) -> dict[str, object]:
     return {"path": output.path, "size": output.size, "sha256": output.sha256, "file": str(path)}
-
-
-def show_bytes(size: int) -> str:
-    value = float(size)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{size} B"
 
 
 def _credits(amount: Decimal | None, per: str = "") -> str:

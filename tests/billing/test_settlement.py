@@ -6,6 +6,7 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
+import pytest
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
@@ -27,6 +28,14 @@ PRICE = Decimal("0.50")
 
 def at(seconds: float) -> datetime:
     return T0 + timedelta(seconds=seconds)
+
+
+@pytest.fixture(autouse=True)
+def _timeline() -> None:
+    """Each test's times count from its own start: the platform stamps assignments with
+    its clock, and a lost provider's `at` must come after them however late a test runs."""
+    global T0
+    T0 = datetime.now(UTC).replace(microsecond=0)
 
 
 async def funded(db: async_sessionmaker, credits: str = "100") -> str:

@@ -16,6 +16,7 @@ from tests.fixtures.platform import new_user
 from tests.fixtures.registry import ImageRegistry
 
 PULL_FIELDS = {
+    "job_id",
     "attempt",
     "image",
     "status",
@@ -81,7 +82,7 @@ class TestPullEvents:
         pulls = [data for kind, data in received if kind == "pull"]
         statuses = [data["status"] for kind, data in received if kind == "status"]
         assert pulls, received
-        assert all(set(p) == PULL_FIELDS for p in pulls)
+        assert all(set(p) == PULL_FIELDS and p["job_id"] == job["id"] for p in pulls)
         # Another test's simulated machine may take the first attempt and vanish: the
         # pulls are the attempt that ran.
         ran = [data for kind, data in received if kind == "status"][-1]["attempt"]

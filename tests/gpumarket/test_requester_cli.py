@@ -103,7 +103,9 @@ class TestSubmitFollowDownload:
         assert result.returncode == 0, result.stderr
         lines = result.stdout.splitlines()
         assert lines[0].startswith("starting on GPU-sim-") and lines[-1] == "finished 42"
-        assert "running" in result.stderr and "succeeded" in result.stderr
+        # Status is polled: a quick job may be seen assigned, then already over.
+        assert "assigned" in result.stderr or "running" in result.stderr
+        assert "succeeded" in result.stderr
         assert "charged" in result.stderr
         # Followed to the end, the outputs are in the file's `outputs` dir.
         assert (work / "results" / "deep" / "NOTES.txt").read_bytes() == notes.upper()

@@ -5,7 +5,6 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import asdict
 from types import SimpleNamespace
 from typing import Any
 
@@ -15,12 +14,12 @@ from docker.errors import ImageNotFound, NotFound
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
-from common.messages import PullProgress
+from common.messages import PullProgress, PullState
 from common.subjects import job_pulls_filter
 from provider_daemon.containers import PULL_REPORT_INTERVAL_S, Containers
 from provider_daemon.errors import InfrastructureError
 from provider_daemon.publisher import Publisher
-from provider_daemon.pull_progress import PullFailed, PullState, PullTracker
+from provider_daemon.pull_progress import PullFailed, PullTracker
 
 # Podman 4.3.1's Docker-compatible API pulling a two-layer image whose base layer it
 # already had (recorded here): the 400 MB layer tells its size once a second, the config
@@ -104,6 +103,12 @@ DOCKER_ERROR: dict[str, Any] = {
 }
 
 
+def counts(status: str, *numbers: int) -> PullState:
+    """A PullState from (layers_done, layers_total, bytes_done, bytes_total)."""
+    names = ("layers_done", "layers_total", "bytes_done", "bytes_total")
+    return PullState.model_validate({"status": status, **dict(zip(names, numbers, strict=False))})
+
+
 def states(items: list[dict[str, Any]]) -> list[PullState]:
     tracker = PullTracker()
     seen = []
@@ -117,34 +122,34 @@ class TestPullTracker:
     def test_podman_stream(self) -> None:
         seen = states(PODMAN_PULL)
         # The base layer is there; the new one has no size until its first "Downloading".
-        assert seen[1] == PullState("pulling", 1, 2, 0, 0)
-        assert seen[2] == PullState("pulling", 1, 2, 196534605, 400035947)
-        assert seen[3] == PullState("pulling", 1, 2, 374563149, 400035947)
+        assert seen[1] == counts("pulling", 1, 2, 0, 0)
+        assert seen[2] == counts("pulling", 1, 2, 196534605, 400035947)
+        assert seen[3] == counts("pulling", 1, 2, 374563149, 400035947)
         # Podman stores a layer as it downloads it: "Download complete" is the end of it.
-        assert seen[4] == PullState("pulling", 2, 2, 400035947, 400035947)
+        assert seen[4] == counts("pulling", 2, 2, 400035947, 400035947)
         # The config blob shows up as one more blob, until the last line names it.
-        assert seen[6] == PullState("pulling", 3, 3, 400035947, 400035947)
-        assert seen[7] == PullState("pulling", 2, 2, 400035947, 400035947)
+        assert seen[6] == counts("pulling", 3, 3, 400035947, 400035947)
+        assert seen[7] == counts("pulling", 2, 2, 400035947, 400035947)
 
     def test_docker_stream(self) -> None:
         seen = states(DOCKER_PULL)
         # The header's id is the tag, not a layer.
-        assert seen[0] == PullState("pulling", 0, 0, 0, 0)
-        assert seen[3] == PullState("pulling", 1, 3, 0, 0)
-        assert seen[6] == PullState("pulling", 1, 3, 1048576 + 2097152, 3511772 + 12845012)
+        assert seen[0] == counts("pulling", 0, 0, 0, 0)
+        assert seen[3] == counts("pulling", 1, 3, 0, 0)
+        assert seen[6] == counts("pulling", 1, 3, 1048576 + 2097152, 3511772 + 12845012)
         # Docker's "Download complete" is followed by extraction: not done yet, but
         # every byte is in, and extraction's progress is not counted as download.
-        assert seen[8] == PullState("pulling", 1, 3, 3511772 + 2097152, 3511772 + 12845012)
+        assert seen[8] == counts("pulling", 1, 3, 3511772 + 2097152, 3511772 + 12845012)
         assert seen[9] == seen[8]
-        assert seen[10] == PullState("pulling", 2, 3, 3511772 + 2097152, 3511772 + 12845012)
-        assert seen[-1] == PullState("pulling", 3, 3, 3511772 + 12845012, 3511772 + 12845012)
+        assert seen[10] == counts("pulling", 2, 3, 3511772 + 2097152, 3511772 + 12845012)
+        assert seen[-1] == counts("pulling", 3, 3, 3511772 + 12845012, 3511772 + 12845012)
 
     def test_done_counts_everything_in(self) -> None:
         tracker = PullTracker()
         for item in PODMAN_PULL[:3]:
             tracker.feed(item)
-        assert tracker.state("done") == PullState("done", 2, 2, 400035947, 400035947)
-        assert tracker.state("failed") == PullState("failed", 1, 2, 196534605, 400035947)
+        assert tracker.state("done") == counts("done", 2, 2, 400035947, 400035947)
+        assert tracker.state("failed") == counts("failed", 1, 2, 196534605, 400035947)
 
     @pytest.mark.parametrize("item", [PODMAN_ERROR, DOCKER_ERROR], ids=["podman", "docker"])
     def test_error_item_raises_with_the_engines_words(self, item: dict[str, Any]) -> None:
@@ -228,7 +233,7 @@ class TestEnsureImageReports:
 
         assert engine.pulls == [("registry.example.com/team/app", "latest")]
         *pulling, last = report.states
-        assert last == PullState("done", 2, 2, 40000, 40000)
+        assert last == counts("done", 2, 2, 40000, 40000)
         assert {s.status for s in pulling} == {"pulling"}
         assert 2 <= len(pulling) <= 2 + elapsed / PULL_REPORT_INTERVAL_S
         gaps = [b - a for a, b in zip(report.at[:-2], report.at[1:-1], strict=True)]
@@ -241,7 +246,7 @@ class TestEnsureImageReports:
         with pytest.raises(InfrastructureError, match="no space left on device"):
             await faked(engine).ensure_image("python:3.12-slim", report)
         assert engine.pulls == [("python", "3.12-slim")]
-        assert report.states[-1] == PullState("failed", 1, 3, 1048576, 3511772)
+        assert report.states[-1] == counts("failed", 1, 3, 1048576, 3511772)
         assert all(s.status == "pulling" for s in report.states[:-1])
 
     async def test_refused_request_is_infrastructure_and_reported_failed(self) -> None:
@@ -250,7 +255,7 @@ class TestEnsureImageReports:
         report = Recorder()
         with pytest.raises(InfrastructureError, match="pull access denied"):
             await faked(engine).ensure_image("nope:1", report)
-        assert report.states[-1] == PullState("failed")
+        assert report.states[-1] == counts("failed")
 
     async def test_without_a_reporter_pulls_quietly(self) -> None:
         # As the machine check calls it.
@@ -302,7 +307,7 @@ async def pull_reporting(
 
     async def report(state: PullState) -> None:
         await publisher.pull_progress(
-            PullProgress(job_id=job_id, attempt=0, image=image, **asdict(state))
+            PullProgress(job_id=job_id, attempt=0, image=image, **state.model_dump())
         )
 
     containers = Containers(docker_host)

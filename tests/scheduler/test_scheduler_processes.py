@@ -144,6 +144,13 @@ def start_scheduler(name: str, database_url: str, nats_url: str, log_dir: Path, 
     return proc, port
 
 
+async def _healthy(http: httpx.AsyncClient, port: int) -> bool:
+    try:
+        return (await http.get(f"http://127.0.0.1:{port}/healthz")).status_code == 200
+    except httpx.TransportError:
+        return False  # not listening yet
+
+
 @pytest.fixture
 async def scheduler_pool(
     own_nats: NatsServer, unit_database_url: str, tmp_path: Path
@@ -162,11 +169,8 @@ async def scheduler_pool(
             for name, (proc, port) in zip(names, procs, strict=True):
                 for _ in range(200):
                     assert proc.poll() is None, log_tail(tmp_path / f"{name}.log")
-                    try:
-                        if (await http.get(f"http://127.0.0.1:{port}/healthz")).status_code == 200:
-                            break
-                    except httpx.TransportError:
-                        pass
+                    if await _healthy(http, port):
+                        break
                     await asyncio.sleep(0.1)
         return [p for p, _ in procs]
 

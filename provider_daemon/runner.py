@@ -28,13 +28,8 @@ from provider_daemon.containers import (
 from provider_daemon.errors import InfrastructureError
 from provider_daemon.logstream import LogPump
 from provider_daemon.publisher import Publisher
-from provider_daemon.workspace import (
-    JobDir,
-    create_job_dir,
-    remove_job_dir,
-    safe_input_path,
-    scan_outputs,
-)
+from provider_daemon.transfers import fetch_inputs, upload_results
+from provider_daemon.workspace import JobDir, create_job_dir, remove_job_dir
 
 log = logging.getLogger(__name__)
 
@@ -162,13 +157,9 @@ class TaskRun:
 
     async def _prepare(self, job: JobDir) -> None:
         task = self.task
-        if task.inputs:
-            files = await self.deps.agent.list_inputs(task.job_id, task.attempt)
-            for item in files:
-                dest = safe_input_path(job.inputs, item.path)
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                await self.deps.agent.download(item.download_url, dest, item.size)
-            self.log.info("fetched %d input files", len(files))
+        fetched = await fetch_inputs(self.deps.agent, task, job)
+        if fetched:
+            self.log.info("fetched %d input files", fetched)
         await self.deps.containers.ensure_image(task.image, self._report_pull)
 
     async def _report_pull(self, state: PullState) -> None:
@@ -266,18 +257,8 @@ class TaskRun:
     async def _upload(self, job: JobDir, result: Result) -> tuple[Result, list[OutputFile]]:
         """Uploads outputs and the log. If that fails, a job that ran to its end is the
         infrastructure's failure (its results are lost); a stopped one keeps its outcome."""
-        task, agent = self.task, self.deps.agent
         try:
-            files, skipped = await asyncio.to_thread(scan_outputs, job.outputs)
-            if skipped:
-                self.log.warning("skipped outputs that are not regular files: %s", skipped)
-            plan = await agent.plan_outputs(task.job_id, task.attempt, files)
-            targets = {u.path: u.upload_url for u in plan.uploads}
-            for file in files:
-                if file.path not in targets:
-                    raise InfrastructureError(f"no upload URL for output {file.path!r}")
-                await agent.upload(targets[file.path], job.outputs / file.path)
-            await agent.upload(plan.log_upload_url, job.log_file, "text/plain")
+            files = await upload_results(self.deps.agent, self.task, job)
         except InfrastructureError as exc:
             reason = f"uploading results failed: {exc}"
             if result.outcome == "exited":

@@ -34,6 +34,8 @@ class TaskAssignment(Contract):
     gpu_uuids: list[str]
     inputs: list[TaskInput] = Field(default_factory=list)
     max_duration_s: int
+    # The job asked for outbound network access (placed only where the owner allows it).
+    egress: bool = False
 
 
 class TaskCancel(Contract):

@@ -24,6 +24,11 @@ Price = Annotated[
 VERSION_PATTERN = r"^\d{1,3}\.\d{1,3}$"
 # Label keys, Kubernetes-like: lowercase, digits, '.', '_', '-', '/'.
 LABEL_KEY_PATTERN = r"^[a-z0-9]([a-z0-9._/-]{0,62}[a-z0-9])?$"
+# Labels under this prefix are the platform's: the daemon sets them from its policy.
+RESERVED_LABEL_PREFIX = "gpumarket/"
+# A machine whose owner lets jobs reach the network carries this label; a job that asks
+# for egress requires it, so placement uses the labels' own matching.
+EGRESS_LABEL = ("gpumarket/network", "egress")
 
 
 def version_number(version: str | None) -> int | None:

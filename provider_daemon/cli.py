@@ -41,6 +41,7 @@ from provider_daemon.enroll import (
 )
 from provider_daemon.errors import ConfigError, CredentialRejected, DaemonError
 from provider_daemon.gpus import open_gpus
+from provider_daemon.policy import ContainerPolicy
 from provider_daemon.preflight import check_machine
 from provider_daemon.status_view import prices_by_model, render, render_prices
 
@@ -113,11 +114,16 @@ async def enroll_and_run(
     work_dir: Path,
     docker_host: str,
     metrics_port: int | None,
+    allow_network: bool | None = None,
 ) -> None:
     # Re-joining keeps this machine's identity (and its simulated GPUs' UUIDs), and the
     # prices it had for the models that --price does not name.
     previous = read_previous(config_path)
     machine_id = previous.machine_id if previous else new_machine_id()
+    # The owner's policy survives a re-join; --allow-network/--no-network changes it.
+    policy = previous.policy if previous else ContainerPolicy()
+    if allow_network is not None:
+        policy = policy.model_copy(update={"network": allow_network})
     gpus = await asyncio.to_thread(open_gpus, simulate, machine_id)
     try:
         inventory = gpus.inventory()
@@ -131,6 +137,7 @@ async def enroll_and_run(
         inventory=inventory,
         prices=parse_prices(prices, inventory, previous.prices if previous else None),
         labels=parse_labels(labels),
+        policy=policy,
     )
     # Prove the machine can run a container on its GPUs before spending the join token
     # on one that could not run anything.
@@ -153,6 +160,9 @@ async def enroll_and_run(
         work_dir=work_dir,
         docker_host=docker_host,
         metrics_port=metrics_port,
+        policy=policy,
+        cpu_count=body["cpu_count"],
+        memory_mb=body["memory_mb"],
         provider_id=joined.provider_id,
         credential=joined.credential,
         nats_url=joined.nats_url,
@@ -211,6 +221,15 @@ def join_command(
         str,
         typer.Option("--check-image", help="Image for the machine check at join and start."),
     ] = DEFAULT_CHECK_IMAGE,
+    allow_network: Annotated[
+        bool | None,
+        typer.Option(
+            "--allow-network/--no-network",
+            help="Whether jobs that ask for network access (egress) may run here "
+            "(default: as at the last join, else no). The other rules (images, root, "
+            "runtime) are in the config file's `policy`.",
+        ),
+    ] = None,
 ) -> None:
     """Enroll this machine with a join token, save its config, then run the daemon."""
     _main(
@@ -227,6 +246,7 @@ def join_command(
             work_dir=(work_dir or default_work_dir()).expanduser().resolve(),
             docker_host=docker_host or default_docker_host(),
             metrics_port=metrics_port,
+            allow_network=allow_network,
         )
     )
 

@@ -7,6 +7,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from provider_daemon.errors import ConfigError
+from provider_daemon.policy import ContainerPolicy
 
 CONFIG_ENV = "GPUMARKET_PROVIDER_CONFIG"
 DEFAULT_DOCKER_HOST = "unix:///var/run/docker.sock"
@@ -48,6 +49,11 @@ class ProviderConfig(BaseModel):
     work_dir: Path = Field(default_factory=default_work_dir)
     docker_host: str = Field(default_factory=default_docker_host)
     metrics_port: int | None = None
+    # What jobs may do here (images, network, root, runtime); see provider_daemon.policy.
+    policy: ContainerPolicy = Field(default_factory=ContainerPolicy)
+    # The machine's size as told to the platform at join: each job gets its GPUs' share.
+    cpu_count: int | None = None
+    memory_mb: int | None = None
     # From the join response.
     provider_id: str
     credential: str

@@ -10,7 +10,7 @@ import asyncio
 import logging
 import threading
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -22,6 +22,7 @@ from docker.utils import parse_repository_tag
 
 from common.messages import PullState
 from provider_daemon.errors import DaemonError, InfrastructureError
+from provider_daemon.policy import NOBODY, Limits
 from provider_daemon.pull_progress import PullTracker
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,7 @@ LABEL_PROVIDER = "gpumarket.provider_id"
 # Marks the short-lived containers of the machine check (provider_daemon.preflight).
 LABEL_PREFLIGHT = "gpumarket.preflight"
 DEFAULT_PIDS_LIMIT = 4096
+DEFAULT_TMP_SIZE_MB = 1024
 
 
 @dataclass(frozen=True)
@@ -52,8 +54,25 @@ class ContainerSpec:
     gpu_uuids: list[str]
     # Simulated GPUs have no device to hand to the container.
     real_gpus: bool
-    pids_limit: int = DEFAULT_PIDS_LIMIT
+    limits: Limits
+    # "uid:gid", or None for the image's own user.
+    user: str | None = NOBODY
+    # Outbound network through the engine's default bridge; otherwise none at all.
+    network: bool = False
+    runtime: str | None = None
+    tmp_size_mb: int = DEFAULT_TMP_SIZE_MB
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ImageFacts:
+    """What the daemon needs to know of an image before running it."""
+
+    size_bytes: int
+    # The image's USER ("" for root by default).
+    user: str
+    # Pulled for this job (rather than found on the machine).
+    pulled: bool = False
 
 
 def explain(exc: Exception) -> str:
@@ -62,13 +81,19 @@ def explain(exc: Exception) -> str:
     return str(text).strip()
 
 
-def hardening(pids_limit: int = DEFAULT_PIDS_LIMIT) -> dict[str, Any]:
+def hardening(
+    pids_limit: int = DEFAULT_PIDS_LIMIT, tmp_size_mb: int = DEFAULT_TMP_SIZE_MB
+) -> dict[str, Any]:
     """containers.create() arguments every container of ours gets, jobs and checks alike."""
     return {
-        # A stranger's code on the owner's machine: no network, no privileges.
+        # A stranger's code on the owner's machine: no network, no privileges, nothing
+        # written outside /tmp (memory, sized) and the job's own /outputs.
         "network_mode": "none",
         "cap_drop": ["ALL"],
         "security_opt": ["no-new-privileges"],
+        "privileged": False,
+        "read_only": True,
+        "tmpfs": {"/tmp": f"rw,nosuid,nodev,size={tmp_size_mb}m,mode=1777"},
         # Podman on hosts without systemd refuses containers without explicit ulimits.
         "ulimits": [
             Ulimit(name="nofile", soft=1024, hard=1024),
@@ -78,9 +103,19 @@ def hardening(pids_limit: int = DEFAULT_PIDS_LIMIT) -> dict[str, Any]:
     }
 
 
-def gpu_requests(gpu_uuids: list[str], capabilities: list[str]) -> list[DeviceRequest]:
-    """Hands exactly these NVIDIA GPUs (by UUID) to a container."""
+def gpu_requests(
+    engine: str | None, gpu_uuids: list[str], capabilities: list[str]
+) -> list[DeviceRequest]:
+    """Hands exactly these NVIDIA GPUs (by UUID) to a container: Docker's NVIDIA device
+    driver, or CDI names for Podman, whose Docker-compatible API takes only those (its
+    device requests with the "cdi" driver become `--device nvidia.com/gpu=<uuid>`)."""
+    if engine is not None and engine.lower().startswith("podman"):
+        return [DeviceRequest(driver="cdi", device_ids=[cdi_name(u) for u in gpu_uuids])]
     return [DeviceRequest(driver="nvidia", device_ids=gpu_uuids, capabilities=[capabilities])]
+
+
+def cdi_name(gpu_uuid: str) -> str:
+    return f"nvidia.com/gpu={gpu_uuid}"
 
 
 def _in_thread(fn: Callable[[], T]) -> "asyncio.Future[T]":
@@ -128,17 +163,19 @@ class Containers:
                 f"cannot reach the container engine at {docker_host}: {explain(exc)}"
             ) from None
         self.docker_host = docker_host
+        # "Podman 4.3.1" or "Docker 27.3.1" once engine_version() was asked (the machine
+        # check does, first thing): how GPUs are handed to containers depends on it.
+        self.engine: str | None = None
 
     def close(self) -> None:
         self.client.close()
 
-    async def ensure_image(self, image: str, report: PullReporter | None = None) -> None:
+    async def ensure_image(self, image: str, report: PullReporter | None = None) -> ImageFacts:
         """Uses the local image, else pulls it, telling `report` how far it got (at most
         every PULL_REPORT_INTERVAL_S, then "done" or "failed"); a failure is the
         infrastructure's."""
         try:
-            await asyncio.to_thread(self.client.images.get, image)
-            return
+            return await self.image_facts(image)
         except ImageNotFound:
             pass
         except Exception as exc:
@@ -154,6 +191,23 @@ class Containers:
                 f"image {image!r} is not on this machine and pulling it failed: {explain(exc)}"
             ) from None
         await _report(report, tracker.state("done"))
+        try:
+            return replace(await self.image_facts(image), pulled=True)
+        except Exception as exc:
+            raise InfrastructureError(f"inspecting image {image!r}: {explain(exc)}") from None
+
+    async def image_facts(self, image: str) -> ImageFacts:
+        """Raises ImageNotFound when the engine has no such image."""
+        attrs: dict[str, Any] = (await asyncio.to_thread(self.client.images.get, image)).attrs
+        config = attrs.get("Config") or {}
+        return ImageFacts(size_bytes=int(attrs.get("Size") or 0), user=config.get("User") or "")
+
+    async def remove_image(self, image: str) -> None:
+        """Best effort: an image in use elsewhere, or already gone, stays as it is."""
+        try:
+            await asyncio.to_thread(self.client.images.remove, image)
+        except DockerException as exc:
+            log.info("image %s not removed: %s", image, explain(exc))
 
     async def _pull(
         self, repository: str, tag: str, tracker: PullTracker, report: PullReporter | None
@@ -201,21 +255,7 @@ class Containers:
                 await asyncio.gather(task, return_exceptions=True)
 
     async def create(self, spec: ContainerSpec) -> Container:
-        kwargs: dict[str, Any] = {
-            "name": spec.name,
-            "command": spec.command,
-            "environment": spec.env,
-            "labels": spec.labels,
-            "volumes": {
-                str(spec.inputs_dir): {"bind": "/inputs", "mode": "ro"},
-                str(spec.outputs_dir): {"bind": "/outputs", "mode": "rw"},
-            },
-            **hardening(spec.pids_limit),
-            "detach": True,
-            **spec.extra,
-        }
-        if spec.real_gpus:
-            kwargs["device_requests"] = gpu_requests(spec.gpu_uuids, ["gpu"])
+        kwargs = self.create_arguments(spec)
         try:
             return await asyncio.to_thread(self.client.containers.create, spec.image, **kwargs)
         except APIError as exc:
@@ -228,12 +268,53 @@ class Containers:
         except Exception as exc:
             raise InfrastructureError(f"creating the container: {explain(exc)}") from None
 
+    def create_arguments(self, spec: ContainerSpec) -> dict[str, Any]:
+        """containers.create() arguments for a job: the hardening, its mounts, its share
+        of the machine, and its GPUs by UUID."""
+        limits = spec.limits
+        kwargs: dict[str, Any] = {
+            "name": spec.name,
+            "command": spec.command,
+            "environment": spec.env,
+            "labels": spec.labels,
+            "volumes": {
+                str(spec.inputs_dir): {"bind": "/inputs", "mode": "ro"},
+                str(spec.outputs_dir): {"bind": "/outputs", "mode": "rw"},
+            },
+            **hardening(limits.pids, spec.tmp_size_mb),
+            "detach": True,
+        }
+        if spec.user is not None:
+            kwargs["user"] = spec.user
+        if spec.network:
+            kwargs["network_mode"] = "bridge"
+        if spec.runtime is not None:
+            kwargs["runtime"] = spec.runtime
+        if limits.memory_mb is not None:
+            # The same for memory and swap: no swapping past the limit, the kernel's OOM
+            # killer ends the job instead.
+            kwargs["mem_limit"] = kwargs["memswap_limit"] = f"{limits.memory_mb}m"
+        if limits.cpus is not None:
+            kwargs["nano_cpus"] = int(limits.cpus * 1e9)
+        if spec.real_gpus:
+            kwargs["device_requests"] = gpu_requests(self.engine, spec.gpu_uuids, ["gpu"])
+        return {**kwargs, **spec.extra}
+
     async def engine_version(self) -> str:
         """E.g. "Docker 27.3.1" or "Podman 4.3.1"; engine errors propagate."""
         info: dict[str, Any] = await asyncio.to_thread(self.client.version)
         names = " ".join(str(c.get("Name", "")) for c in info.get("Components") or [])
         engine = "Podman" if "podman" in names.lower() else "Docker"
-        return f"{engine} {info.get('Version', 'unknown version')}"
+        self.engine = f"{engine} {info.get('Version', 'unknown version')}"
+        return self.engine
+
+    async def oom_killed(self, container: Container) -> bool:
+        """Whether the kernel killed the stopped container for going over its memory."""
+        try:
+            await asyncio.to_thread(container.reload)
+        except NotFound:
+            return False
+        return bool((container.attrs.get("State") or {}).get("OOMKilled"))
 
     async def create_check(
         self, name: str, image: str, command: list[str], gpu_uuids: list[str] | None
@@ -246,13 +327,14 @@ class Containers:
             "command": command,
             "labels": {LABEL_PREFLIGHT: "1"},
             **hardening(),
+            "user": NOBODY,
             "detach": True,
         }
         if gpu_uuids is not None:
             # As for a job (runner._spec), plus "utility": with it the NVIDIA toolkit mounts
             # nvidia-smi into any image, so the check needs no CUDA image.
             kwargs["environment"] = {"NVIDIA_VISIBLE_DEVICES": ",".join(gpu_uuids)}
-            kwargs["device_requests"] = gpu_requests(gpu_uuids, ["gpu", "utility"])
+            kwargs["device_requests"] = gpu_requests(self.engine, gpu_uuids, ["gpu", "utility"])
         return await asyncio.to_thread(self.client.containers.create, image, **kwargs)
 
     async def output(self, container: Container) -> bytes:

@@ -3,6 +3,7 @@ TaskGroup; a stop event ends both, running jobs are stopped and reported, NATS d
 
 import asyncio
 import logging
+import os
 import random
 import shutil
 import time
@@ -27,8 +28,10 @@ from provider_daemon import metrics
 from provider_daemon.agent_api import AgentApi
 from provider_daemon.config import ProviderConfig
 from provider_daemon.containers import LABEL_ATTEMPT, LABEL_JOB, Containers
+from provider_daemon.enroll import memory_mb
 from provider_daemon.errors import CredentialRejected, DaemonError, OwnerDisabled
 from provider_daemon.gpus import GpuSource
+from provider_daemon.policy import task_refusal
 from provider_daemon.preflight import check_machine
 from provider_daemon.publisher import Publisher
 from provider_daemon.runner import RunnerDeps, TaskRun
@@ -177,6 +180,10 @@ class Daemon:
                 work_dir=self.config.work_dir,
                 real_gpus=not self.inventory.simulated,
                 stop_grace_s=self.tuning.stop_grace_s,
+                policy=self.config.policy,
+                machine_gpus=len(self.inventory.gpus),
+                cpu_count=self.config.cpu_count or os.cpu_count(),
+                memory_mb=self.config.memory_mb or memory_mb(),
             )
             await self._reap_leftovers(deps)
             log.info(
@@ -350,7 +357,7 @@ class Daemon:
             log.info("assignment already seen; ignored", extra=extra)
             await _settle(msg.ack())
             return
-        problem = self._gpu_problem(task)
+        problem = task_refusal(self.config.policy, task) or self._gpu_problem(task)
         if problem is not None:
             log.warning("assignment rejected: %s", problem, extra=extra)
             if await publisher.event(task.job_id, task.attempt, "rejected", reason=problem):

@@ -9,8 +9,10 @@ import httpx
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from common.gpu_models import canonical_model
+from common.types import EGRESS_LABEL, RESERVED_LABEL_PREFIX
 from provider_daemon.errors import JoinError
 from provider_daemon.gpus import Inventory
+from provider_daemon.policy import ContainerPolicy
 
 DEFAULT_PRICE_USD_PER_GPU_HOUR = 0.5
 
@@ -72,6 +74,11 @@ def parse_labels(items: list[str]) -> dict[str, str]:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise JoinError(f"--label: {item!r} is not KEY=VALUE")
+        if key.strip().startswith(RESERVED_LABEL_PREFIX):
+            raise JoinError(
+                f"--label: keys under {RESERVED_LABEL_PREFIX} are the platform's "
+                "(network access is --allow-network)"
+            )
         labels[key.strip()] = value.strip()
     return labels
 
@@ -93,7 +100,12 @@ def build_join_request(
     inventory: Inventory,
     prices: dict[str, float],
     labels: dict[str, str] | None = None,
+    policy: ContainerPolicy | None = None,
 ) -> dict[str, Any]:
+    labels = dict(labels or {})
+    if policy is not None and policy.network:
+        key, value = EGRESS_LABEL
+        labels[key] = value
     return {
         "token": token,
         "machine_id": machine_id,
@@ -102,7 +114,7 @@ def build_join_request(
         "simulated": inventory.simulated,
         "driver_version": inventory.driver_version,
         "cuda_version": inventory.cuda_version,
-        "labels": labels or {},
+        "labels": labels,
         "cpu_count": os.cpu_count(),
         "memory_mb": memory_mb(),
         "gpus": [

@@ -7,10 +7,11 @@ says whose fault it was, and the container and work dir are always removed.
 import asyncio
 import concurrent.futures
 import logging
-from dataclasses import dataclass, replace
+from collections.abc import Awaitable
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from docker.errors import APIError
 from docker.models.containers import Container
@@ -23,15 +24,25 @@ from provider_daemon.containers import (
     LABEL_PROVIDER,
     Containers,
     ContainerSpec,
+    ImageFacts,
     explain,
 )
 from provider_daemon.errors import InfrastructureError
 from provider_daemon.logstream import LogPump
+from provider_daemon.policy import (
+    NOBODY,
+    ContainerPolicy,
+    Limits,
+    image_size_refusal,
+    limits_for,
+    run_as,
+)
 from provider_daemon.publisher import Publisher
 from provider_daemon.transfers import fetch_inputs, upload_results
 from provider_daemon.workspace import JobDir, create_job_dir, remove_job_dir
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 Outcome = Literal["exited", "timed_out", "cancelled", "infrastructure"]
 StopOutcome = Literal["cancelled", "infrastructure"]
@@ -50,6 +61,11 @@ class RunnerDeps:
     work_dir: Path
     real_gpus: bool
     stop_grace_s: float = 10.0
+    policy: ContainerPolicy = field(default_factory=ContainerPolicy)
+    # The machine's size; each job gets its GPUs' share of CPUs and memory.
+    machine_gpus: int = 1
+    cpu_count: int | None = None
+    memory_mb: int | None = None
 
 
 @dataclass
@@ -108,8 +124,8 @@ class TaskRun:
             job = await asyncio.to_thread(
                 create_job_dir, self.deps.work_dir, task.job_id, task.attempt
             )
-            await self._until_stopped(self._prepare(job))
-            container = await self.deps.containers.create(self._spec(job))
+            image = await self._until_stopped(self._prepare(job))
+            container = await self.deps.containers.create(self._spec(job, image))
             pump = LogPump(task.job_id, task.attempt, job.log_file, self.deps.publisher.logs)
             result = await self._run_container(container, pump)
             if result.outcome != "infrastructure":
@@ -139,7 +155,7 @@ class TaskRun:
             ended_at=result.ended_at,
         )
 
-    async def _until_stopped(self, work: Any) -> None:
+    async def _until_stopped(self, work: Awaitable[T]) -> T:
         """Awaits `work`, abandoning it if a stop is requested meanwhile."""
         job = asyncio.ensure_future(work)
         stop = asyncio.ensure_future(self._stop_requested.wait())
@@ -151,16 +167,23 @@ class TaskRun:
             job.cancel()
             await asyncio.gather(job, return_exceptions=True)
             raise _Stopped
-        job.result()
+        result = job.result()
         if self._stop_requested.is_set():
             raise _Stopped
+        return result
 
-    async def _prepare(self, job: JobDir) -> None:
-        task = self.task
+    async def _prepare(self, job: JobDir) -> ImageFacts:
+        task, containers = self.task, self.deps.containers
         fetched = await fetch_inputs(self.deps.agent, task, job)
         if fetched:
             self.log.info("fetched %d input files", fetched)
-        await self.deps.containers.ensure_image(task.image, self._report_pull)
+        image = await containers.ensure_image(task.image, self._report_pull)
+        too_big = image_size_refusal(self.deps.policy, task.image, image.size_bytes)
+        if too_big is not None:
+            if image.pulled:
+                await containers.remove_image(task.image)
+            raise InfrastructureError(too_big)
+        return image
 
     async def _report_pull(self, state: PullState) -> None:
         task = self.task
@@ -169,9 +192,13 @@ class TaskRun:
         )
         await self.deps.publisher.pull_progress(progress)
 
-    def _spec(self, job: JobDir) -> ContainerSpec:
-        task = self.task
+    def _spec(self, job: JobDir, image: ImageFacts) -> ContainerSpec:
+        task, deps = self.task, self.deps
+        user = run_as(deps.policy, image.user)
         env = dict(task.env)
+        if user == NOBODY:
+            # nobody's home does not exist, and the root file system is read-only.
+            env.setdefault("HOME", "/tmp")
         # The platform's variables win over the job's.
         # "void" rather than empty: CUDA images default to "all", and under some runtimes
         # an empty value exposes every GPU.
@@ -190,7 +217,23 @@ class TaskRun:
             inputs_dir=job.inputs,
             outputs_dir=job.outputs,
             gpu_uuids=task.gpu_uuids,
-            real_gpus=self.deps.real_gpus and bool(task.gpu_uuids),
+            real_gpus=deps.real_gpus and bool(task.gpu_uuids),
+            limits=self.limits,
+            user=user,
+            network=task.egress and deps.policy.network,
+            runtime=deps.policy.runtime,
+            tmp_size_mb=deps.policy.tmp_size_mb,
+        )
+
+    @property
+    def limits(self) -> Limits:
+        deps = self.deps
+        return limits_for(
+            len(self.task.gpu_uuids),
+            deps.machine_gpus,
+            deps.cpu_count,
+            deps.memory_mb,
+            deps.policy.pids_limit,
         )
 
     async def _run_container(self, container: Container, pump: LogPump) -> Result:
@@ -234,6 +277,11 @@ class TaskRun:
             )
             if waiting in done:
                 result = Result("exited", exit_code=waiting.result())
+                if result.exit_code != 0 and await containers.oom_killed(container):
+                    result.reason = (
+                        "killed for running out of memory (the job's limit here is "
+                        f"{self.limits.memory_mb} MiB)"
+                    )
             else:
                 if stop in done:
                     result = Result(self._stop_outcome, reason=self._stop_reason)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from common.gpu_models import model_tokens
+from common.types import EGRESS_LABEL
 
 # `kind` and `sched` values per pool row.
 _EMPTY, _REAL, _SIMULATED = 0, 1, 2
@@ -710,8 +711,11 @@ class FleetIndex:
             labelled = nothing if labels is None else ~nothing
             for column, value_id in labels or ():
                 labelled &= column[:n] == value_id
-            words = ", ".join(f"{k}={v}" for k, v in d.labels)
-            steps.append((f"labelled {words}", labelled))
+            words = ", ".join(f"{k}={v}" for k, v in d.labels if (k, v) != EGRESS_LABEL)
+            what = f"labelled {words}" if words else ""
+            if EGRESS_LABEL in d.labels:
+                what = " and ".join(filter(None, ["that allows network access (egress)", what]))
+            steps.append((what, labelled))
         # A job's share of the machine's CPUs and memory grows with its GPUs.
         if d.cpus:
             steps.append(

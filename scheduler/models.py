@@ -85,6 +85,7 @@ class Job(Base):
     labels: Mapped[dict[str, str]] = mapped_column(JSONB, default=dict, server_default="{}")
     cpus: Mapped[float | None] = mapped_column(Float)
     memory_gb: Mapped[float | None] = mapped_column(Float)
+    egress: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
     inputs: Mapped[list[dict]] = mapped_column(JSONB, default=list)
     max_price_per_gpu_hour: Mapped[Decimal | None] = mapped_column(Numeric(12, 6))
     max_duration_s: Mapped[int] = mapped_column(Integer)

@@ -21,7 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from common.gpu_models import canonical_model
 from common.messages import TaskAssignment, TaskInput
-from common.types import version_number
+from common.types import EGRESS_LABEL, version_number
 from provider_registry import capacity
 from scheduler import queue_order, retries, states
 from scheduler.fleet_index import Demand, FleetIndex
@@ -46,12 +46,19 @@ def demand_of(job: Job | Row, allow_simulated: bool) -> Demand:
         if job.max_price_per_gpu_hour is not None
         else None,
         region=job.region,
-        labels=tuple(sorted((job.labels or {}).items())),
+        labels=_required_labels(job),
         cpus=job.cpus,
         memory_mb=int(job.memory_gb * 1024) if job.memory_gb else None,
         allow_simulated=allow_simulated,
         avoid=frozenset(job.avoid_providers or ()),
     )
+
+
+def _required_labels(job: Job | Row) -> tuple[tuple[str, str], ...]:
+    labels = dict(job.labels or {})
+    if job.egress:
+        labels[EGRESS_LABEL[0]] = EGRESS_LABEL[1]
+    return tuple(sorted(labels.items()))
 
 
 @dataclass(frozen=True)
@@ -84,6 +91,7 @@ def task_for(job: Job, reservation: capacity.Reservation) -> TaskAssignment:
         gpu_uuids=reservation.gpu_uuids,
         inputs=[TaskInput(**i) for i in job.inputs],
         max_duration_s=job.max_duration_s,
+        egress=job.egress,
     )
 
 

@@ -57,6 +57,7 @@ COLUMNS = (
     Job.labels,
     Job.cpus,
     Job.memory_gb,
+    Job.egress,
     Job.max_price_per_gpu_hour,
     Job.avoid_providers,
     Job.waiting_reason,

@@ -77,6 +77,9 @@ class JobSpec(BaseModel):
     # Exit codes that are worth another attempt too (e.g. a flaky download); counted
     # against the same `retries`.
     retry_on_exit_codes: list[int] = Field(default_factory=list, max_length=32)
+    # Outbound network access; without it the container has no network at all. Only
+    # machines whose owner allows it (label gpumarket/network=egress) take such a job.
+    egress: bool = False
 
     @field_validator("retry_on_exit_codes")
     @classmethod
@@ -138,6 +141,7 @@ class JobOut(BaseModel):
     priority: int
     retries: int
     retry_on_exit_codes: list[int]
+    egress: bool = False
     not_before: datetime | None = None
     created_at: datetime
     assigned_at: datetime | None

@@ -11,6 +11,7 @@ from typing import Any
 import nats
 import pytest
 from docker.errors import ImageNotFound, NotFound
+from docker.utils import parse_repository_tag
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
@@ -176,8 +177,11 @@ class FakeEngine:
         self.images = SimpleNamespace(get=self._get)
         self.api = SimpleNamespace(pull=self._pull)
 
-    def _get(self, name: str) -> None:
-        raise ImageNotFound(f"no such image: {name}")
+    def _get(self, name: str) -> SimpleNamespace:
+        repository, tag = parse_repository_tag(name)
+        if (repository, tag or "latest") not in self.pulls or self.error is not None:
+            raise ImageNotFound(f"no such image: {name}")
+        return SimpleNamespace(attrs={"Size": 1234, "Config": {"User": ""}})
 
     def _pull(
         self, repository: str, tag: str | None = None, stream: bool = False, decode: bool = False

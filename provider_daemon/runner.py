@@ -28,7 +28,7 @@ from provider_daemon.containers import (
     explain,
 )
 from provider_daemon.errors import InfrastructureError
-from provider_daemon.logstream import LogPump
+from provider_daemon.logstream import LogLimits, LogPump
 from provider_daemon.policy import (
     NOBODY,
     ContainerPolicy,
@@ -46,6 +46,8 @@ T = TypeVar("T")
 
 Outcome = Literal["exited", "timed_out", "cancelled", "infrastructure"]
 StopOutcome = Literal["cancelled", "infrastructure"]
+# 128 + SIGKILL: what a container killed by the kernel's OOM killer exits with.
+SIGKILL_EXIT = 137
 # How long the log stream may lag behind the container's exit before we stop waiting.
 LOG_DRAIN_S = 10.0
 
@@ -66,6 +68,7 @@ class RunnerDeps:
     machine_gpus: int = 1
     cpu_count: int | None = None
     memory_mb: int | None = None
+    log_limits: LogLimits = field(default_factory=LogLimits)
 
 
 @dataclass
@@ -126,7 +129,13 @@ class TaskRun:
             )
             image = await self._until_stopped(self._prepare(job))
             container = await self.deps.containers.create(self._spec(job, image))
-            pump = LogPump(task.job_id, task.attempt, job.log_file, self.deps.publisher.logs)
+            pump = LogPump(
+                task.job_id,
+                task.attempt,
+                job.log_file,
+                self.deps.publisher.logs,
+                limits=self.deps.log_limits,
+            )
             result = await self._run_container(container, pump)
             if result.outcome != "infrastructure":
                 result, outputs = await self._upload(job, result)
@@ -277,11 +286,7 @@ class TaskRun:
             )
             if waiting in done:
                 result = Result("exited", exit_code=waiting.result())
-                if result.exit_code != 0 and await containers.oom_killed(container):
-                    result.reason = (
-                        "killed for running out of memory (the job's limit here is "
-                        f"{self.limits.memory_mb} MiB)"
-                    )
+                result.reason = await self._kill_reason(container, result.exit_code)
             else:
                 if stop in done:
                     result = Result(self._stop_outcome, reason=self._stop_reason)
@@ -301,6 +306,22 @@ class TaskRun:
             # Both threads end when the container is removed; nobody waits for them.
             waiting.cancel()
             stream.cancel()
+
+    async def _kill_reason(self, container: Container, exit_code: int | None) -> str | None:
+        """Why a container we did not stop died, when the engine can tell: the kernel's
+        OOM killer. Podman on cgroup v1 never reports OOMKilled, so a SIGKILL (137) under a
+        memory limit is named as its most likely cause."""
+        memory_mb = self.limits.memory_mb
+        if exit_code in (0, None):
+            return None
+        if await self.deps.containers.oom_killed(container):
+            return f"killed for running out of memory (the job's limit here is {memory_mb} MiB)"
+        if exit_code == SIGKILL_EXIT and memory_mb is not None:
+            return (
+                f"killed by SIGKILL (exit code {SIGKILL_EXIT}), most likely for running out of "
+                f"memory (the job's limit here is {memory_mb} MiB)"
+            )
+        return None
 
     async def _upload(self, job: JobDir, result: Result) -> tuple[Result, list[OutputFile]]:
         """Uploads outputs and the log. If that fails, a job that ran to its end is the

@@ -31,6 +31,7 @@ from provider_daemon.config import ProviderConfig
 from provider_daemon.containers import LABEL_PROVIDER
 from provider_daemon.daemon import Daemon, Tuning
 from provider_daemon.gpus import SimulatedGpus
+from provider_daemon.policy import ContainerPolicy
 
 
 class _Server(uvicorn.Server):
@@ -286,6 +287,8 @@ async def start_daemon(
         metrics_port: int | None = None,
         nats_client: NatsClient | None = None,
         credential: str | None = None,
+        policy: ContainerPolicy | None = None,
+        memory_mb: int | None = None,
         **tuning: Any,
     ) -> RunningDaemon:
         """A daemon on `nats_client`'s server (the session's by default)."""
@@ -302,6 +305,8 @@ async def start_daemon(
             check_image=sample_image,
             nats_url=client.connected_url.geturl() if client.connected_url else "",
             heartbeat_interval_s=0.3,
+            policy=policy or ContainerPolicy(),
+            memory_mb=memory_mb,
         )
         daemon = Daemon(
             config,

@@ -27,10 +27,10 @@ from scheduler.schemas import JobSpec, relative_path
 
 # fmt: off
 KNOWN_FIELDS = ("image", "command", "env", "resources", "inputs", "outputs", "max_duration",
-                "max_price_per_gpu_hour", "retries", "retry_on_exit_codes", "priority")
+                "max_price_per_gpu_hour", "retries", "retry_on_exit_codes", "priority", "egress")
 # Passed to JobSpec as written; the others have forms of the job file's own.
 _SPEC_FIELDS = ("image", "resources", "max_price_per_gpu_hour", "retries",
-                "retry_on_exit_codes", "priority")
+                "retry_on_exit_codes", "priority", "egress")
 # fmt: on
 _DURATION = re.compile(r"(?:([0-9]+)d)?(?:([0-9]+)h)?(?:([0-9]+)m)?(?:([0-9]+)s)?")
 _DURATION_HELP = 'should be seconds or a duration like "90s", "30m", "2h", "1h30m", "1d"'

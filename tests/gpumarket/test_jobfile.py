@@ -73,6 +73,7 @@ class TestValidFile:
             retries: 0
             retry_on_exit_codes: [75, 3]
             priority: 5
+            egress: true
             """,
         )
         assert job.outputs == tmp_path.resolve() / "out"
@@ -103,6 +104,7 @@ class TestValidFile:
                 "retries": 0,
                 "retry_on_exit_codes": [3, 75],
                 "priority": 5,
+                "egress": True,
             }
         )
 

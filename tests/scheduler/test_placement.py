@@ -7,6 +7,7 @@ from collections import Counter
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
+from common.types import EGRESS_LABEL
 from provider_registry.models import DRAINING, Gpu
 from scheduler import placement, states
 from scheduler.fleet_index import Weights
@@ -94,6 +95,24 @@ class TestConstraints:
         placed = {p.task.job_id: p.provider_id for p in (await place(db)).placements}
         assert placed[never.id] == machine.id
         assert (await load(db, never.id)).waiting_reason is None
+
+    async def test_egress_only_where_the_owner_allows_network(self, db: async_sessionmaker) -> None:
+        async with db.begin() as session:
+            closed = await create_provider(session, price="0.10", gpus=1)
+            job = await submit(session, egress=True)
+        result = await place(db)
+        assert result.placements == []
+        reason = (await load(db, job.id)).waiting_reason or ""
+        assert "allows network access (egress)" in reason and "gpumarket/" not in reason
+        async with db.begin() as session:
+            open_ = await create_provider(
+                session, price="0.90", gpus=1, labels=dict([EGRESS_LABEL])
+            )
+            plain = await submit(session)
+        placed = {p.task.job_id: p for p in (await place(db)).placements}
+        assert placed[job.id].provider_id == open_.id and placed[job.id].task.egress
+        assert placed[plain.id].provider_id == closed.id and not placed[plain.id].task.egress
+        assert (await load(db, job.id)).egress
 
 
 class TestScoring:

@@ -5,11 +5,10 @@ import asyncio
 import logging
 import os
 import random
-import shutil
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Annotated
 from urllib.parse import urlsplit
@@ -29,12 +28,19 @@ from provider_daemon.agent_api import AgentApi
 from provider_daemon.config import ProviderConfig
 from provider_daemon.containers import LABEL_ATTEMPT, LABEL_JOB, Containers
 from provider_daemon.enroll import memory_mb
-from provider_daemon.errors import CredentialRejected, DaemonError, OwnerDisabled
+from provider_daemon.errors import (
+    CredentialRejected,
+    DaemonError,
+    InfrastructureError,
+    OwnerDisabled,
+)
 from provider_daemon.gpus import GpuSource
+from provider_daemon.logstream import LogLimits
 from provider_daemon.policy import task_refusal
 from provider_daemon.preflight import check_machine
 from provider_daemon.publisher import Publisher
 from provider_daemon.runner import RunnerDeps, TaskRun
+from provider_daemon.workspace import job_dir_of, job_dirs, remove_job_dir, saved_task
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +62,7 @@ class Tuning:
     metrics_host: str = "127.0.0.1"
     # How often the daemon asks the platform whether it still accepts this machine.
     credential_check_s: float = 60.0
+    log_limits: LogLimits = field(default_factory=LogLimits)
 
 
 _CONNECTION_ERRORS = (
@@ -184,8 +191,9 @@ class Daemon:
                 machine_gpus=len(self.inventory.gpus),
                 cpu_count=self.config.cpu_count or os.cpu_count(),
                 memory_mb=self.config.memory_mb or memory_mb(),
+                log_limits=self.tuning.log_limits,
             )
-            await self._reap_leftovers(deps)
+            adopted = await self._recover(deps)
             log.info(
                 "provider %s ready with %d GPUs%s",
                 self.config.provider_id,
@@ -193,6 +201,8 @@ class Daemon:
                 " (simulated)" if self.inventory.simulated else "",
             )
             async with asyncio.TaskGroup() as tg:
+                for run in adopted:
+                    self._start(run, tg)
                 tg.create_task(self._task_loop(js, deps, publisher, stop, tg))
                 tg.create_task(self._heartbeat_loop(nc, stop))
                 tg.create_task(self._watch_credential(agent, stop))
@@ -231,12 +241,24 @@ class Daemon:
         status = "connected" if connected else "disconnected"
         return connected, {"nats": status, "running_jobs": len(self.active)}
 
-    async def _reap_leftovers(self, deps: RunnerDeps) -> None:
-        """Containers of ours that outlived an earlier daemon (a crash, a power cut) are
-        removed and their attempts reported lost, so the platform can retry them."""
+    async def _recover(self, deps: RunnerDeps) -> list[TaskRun]:
+        """Containers of ours that outlived an earlier run of the daemon (a crash, an
+        upgrade): one that runs or ran a job whose assignment is still on disk is followed
+        again to its end, as if nothing happened; any other is removed and its attempt
+        reported lost, so the platform retries it. Job directories of no followed job go."""
+        adopted: list[TaskRun] = []
         for container in await deps.containers.list_ours(self.config.provider_id):
             labels = container.labels
             job_id, attempt = labels.get(LABEL_JOB), labels.get(LABEL_ATTEMPT, "")
+            task = self._saved_task(job_id, attempt)
+            if task is not None and container.status in ("running", "exited"):
+                log.info(
+                    "found the job's container (%s) from an earlier run; following it",
+                    container.status,
+                    extra={"job_id": job_id, "attempt": task.attempt},
+                )
+                adopted.append(TaskRun(deps, task, adopted=container))
+                continue
             log.warning("removing a leftover container", extra={"job_id": job_id})
             await deps.containers.remove(container)
             if job_id and attempt.isdigit():
@@ -247,8 +269,26 @@ class Daemon:
                     outcome="infrastructure",
                     reason="provider daemon restarted while the job ran",
                 )
-        # No job runs yet, so whatever is under jobs/ is a leftover too.
-        await asyncio.to_thread(shutil.rmtree, self.config.work_dir / "jobs", True)
+        kept = {job_dir_of(self.config.work_dir, *run.key).root for run in adopted}
+        for job in await asyncio.to_thread(job_dirs, self.config.work_dir):
+            if job.root not in kept:
+                await asyncio.to_thread(remove_job_dir, job)
+        return adopted
+
+    def _saved_task(self, job_id: str | None, attempt: str) -> TaskAssignment | None:
+        """The assignment an earlier run saved for this container, if it is whole and
+        still fits this machine."""
+        if not job_id or not attempt.isdigit():
+            return None
+        try:
+            task = saved_task(job_dir_of(self.config.work_dir, job_id, int(attempt)))
+        except InfrastructureError:
+            return None
+        if task is None or (task.job_id, task.attempt) != (job_id, int(attempt)):
+            return None
+        if not set(task.gpu_uuids) <= self.inventory.uuids:
+            return None
+        return task
 
     # --- tasks -----------------------------------------------------------------------
 
@@ -371,10 +411,12 @@ class Daemon:
             await _settle(msg.nak(delay=5))
             return
         await _settle(msg.ack())
-        run = TaskRun(deps, task)
-        self.active[key] = run
-        metrics.RUNNING.set(len(self.active))
         log.info("assignment accepted: %s on %s", task.image, task.gpu_uuids, extra=extra)
+        self._start(TaskRun(deps, task), tg)
+
+    def _start(self, run: TaskRun, tg: asyncio.TaskGroup) -> None:
+        self.active[run.key] = run
+        metrics.RUNNING.set(len(self.active))
         tg.create_task(self._execute(run))
 
     def _gpu_problem(self, task: TaskAssignment) -> str | None:

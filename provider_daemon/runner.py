@@ -39,7 +39,13 @@ from provider_daemon.policy import (
 )
 from provider_daemon.publisher import Publisher
 from provider_daemon.transfers import fetch_inputs, upload_results
-from provider_daemon.workspace import JobDir, create_job_dir, remove_job_dir
+from provider_daemon.workspace import (
+    JobDir,
+    create_job_dir,
+    job_dir_of,
+    remove_job_dir,
+    save_task,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -97,9 +103,14 @@ def _start_failure_exit_code(exc: Exception) -> int | None:
 
 
 class TaskRun:
-    def __init__(self, deps: RunnerDeps, task: TaskAssignment) -> None:
+    def __init__(
+        self, deps: RunnerDeps, task: TaskAssignment, adopted: Container | None = None
+    ) -> None:
+        """`adopted`: the attempt's container, started by an earlier run of the daemon,
+        which this run follows to its end instead of starting one."""
         self.deps = deps
         self.task = task
+        self.adopted = adopted
         self.log = logging.LoggerAdapter(log, {"job_id": task.job_id, "attempt": task.attempt})
         self._stop_requested = asyncio.Event()
         self._stop_outcome: StopOutcome = "cancelled"
@@ -124,19 +135,19 @@ class TaskRun:
         pump: LogPump | None = None
         outputs: list[OutputFile] = []
         try:
-            job = await asyncio.to_thread(
-                create_job_dir, self.deps.work_dir, task.job_id, task.attempt
-            )
-            image = await self._until_stopped(self._prepare(job))
-            container = await self.deps.containers.create(self._spec(job, image))
-            pump = LogPump(
-                task.job_id,
-                task.attempt,
-                job.log_file,
-                self.deps.publisher.logs,
-                limits=self.deps.log_limits,
-            )
-            result = await self._run_container(container, pump)
+            if self.adopted is not None:
+                job, container = job_dir_of(self.deps.work_dir, *self.key), self.adopted
+                pump = self._pump(job)
+                result = await self._readopt(container, job, pump)
+            else:
+                job = await asyncio.to_thread(
+                    create_job_dir, self.deps.work_dir, task.job_id, task.attempt
+                )
+                await asyncio.to_thread(save_task, job, task)
+                image = await self._until_stopped(self._prepare(job))
+                container = await self.deps.containers.create(self._spec(job, image))
+                pump = self._pump(job)
+                result = await self._run_container(container, pump)
             if result.outcome != "infrastructure":
                 result, outputs = await self._upload(job, result)
         except _Stopped:
@@ -162,6 +173,16 @@ class TaskRun:
             outputs=outputs,
             started_at=result.started_at,
             ended_at=result.ended_at,
+        )
+
+    def _pump(self, job: JobDir) -> LogPump:
+        task = self.task
+        return LogPump(
+            task.job_id,
+            task.attempt,
+            job.log_file,
+            self.deps.publisher.logs,
+            limits=self.deps.log_limits,
         )
 
     async def _until_stopped(self, work: Awaitable[T]) -> T:
@@ -260,16 +281,46 @@ class TaskRun:
         started_at = datetime.now(UTC)
         self.log.info("container started: %s", task.image)
         await self.deps.publisher.event(task.job_id, task.attempt, "started")
+        return await self._follow(container, pump, started_at, task.max_duration_s)
 
+    async def _readopt(self, container: Container, job: JobDir, pump: LogPump) -> Result:
+        """Follows a container an earlier run of the daemon started: the engine's log
+        from where the log file ends, and the time limit from the container's start."""
+        task = self.task
+        started_at = await self.deps.containers.started_at(container) or datetime.now(UTC)
+        ran_s = (datetime.now(UTC) - started_at).total_seconds()
+        self.log.info("following the job's container again after %.0f s", ran_s)
+        # Said again in case the earlier run died before it could: replays are harmless.
+        await self.deps.publisher.event(task.job_id, task.attempt, "started")
+        written = await asyncio.to_thread(lambda: job.log_file.stat().st_size)
+        return await self._follow(
+            container, pump, started_at, max(0.0, task.max_duration_s - ran_s), written
+        )
+
+    async def _follow(
+        self,
+        container: Container,
+        pump: LogPump,
+        started_at: datetime,
+        time_left_s: float,
+        skip_bytes: int = 0,
+    ) -> Result:
+        """Streams the running container's output into `pump` (less the first
+        `skip_bytes`, already in the log file) until it exits, times out or is stopped."""
+        task, containers = self.task, self.deps.containers
         loop = asyncio.get_running_loop()
         abandoned = False
 
         def on_chunk(chunk: bytes | None) -> None:
             # From the log thread: wait for room in the pump's queue (backpressure), but
             # never forever in case the pump is gone.
-            nonlocal abandoned
+            nonlocal abandoned, skip_bytes
             if abandoned:
                 return
+            if chunk and skip_bytes:
+                chunk, skip_bytes = chunk[skip_bytes:], max(0, skip_bytes - len(chunk))
+                if not chunk:
+                    return
             try:
                 asyncio.run_coroutine_threadsafe(pump.put(chunk), loop).result(timeout=60)
             except (concurrent.futures.TimeoutError, RuntimeError):
@@ -282,7 +333,7 @@ class TaskRun:
         watched: set[asyncio.Future[Any]] = {waiting, stop}
         try:
             done, _ = await asyncio.wait(
-                watched, timeout=task.max_duration_s, return_when=asyncio.FIRST_COMPLETED
+                watched, timeout=time_left_s, return_when=asyncio.FIRST_COMPLETED
             )
             if waiting in done:
                 result = Result("exited", exit_code=waiting.result())

@@ -8,7 +8,7 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from common.messages import OutputFile
+from common.messages import OutputFile, TaskAssignment
 from provider_daemon.errors import InfrastructureError
 
 _SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
@@ -30,11 +30,20 @@ class JobDir:
     def log_file(self) -> Path:
         return self.root / "job.log"
 
+    @property
+    def task_file(self) -> Path:
+        """The assignment, kept so a restarted daemon can take the running job back."""
+        return self.root / "task.json"
 
-def create_job_dir(work_dir: Path, job_id: str, attempt: int) -> JobDir:
+
+def job_dir_of(work_dir: Path, job_id: str, attempt: int) -> JobDir:
     if not _SAFE_ID.fullmatch(job_id):
         raise InfrastructureError(f"job id {job_id!r} is not usable as a directory name")
-    job = JobDir(work_dir / "jobs" / f"{job_id}-{attempt}")
+    return JobDir(work_dir / "jobs" / f"{job_id}-{attempt}")
+
+
+def create_job_dir(work_dir: Path, job_id: str, attempt: int) -> JobDir:
+    job = job_dir_of(work_dir, job_id, attempt)
     # A leftover from an earlier run of this attempt must not leak into this one.
     shutil.rmtree(job.root, ignore_errors=True)
     job.inputs.mkdir(parents=True)
@@ -43,6 +52,23 @@ def create_job_dir(work_dir: Path, job_id: str, attempt: int) -> JobDir:
     os.chmod(job.outputs, 0o777)
     job.log_file.touch()
     return job
+
+
+def save_task(job: JobDir, task: TaskAssignment) -> None:
+    job.task_file.write_text(task.model_dump_json())
+
+
+def saved_task(job: JobDir) -> TaskAssignment | None:
+    """The assignment create_job_dir saved, if it is there and readable."""
+    try:
+        return TaskAssignment.model_validate_json(job.task_file.read_bytes())
+    except (OSError, ValueError):
+        return None
+
+
+def job_dirs(work_dir: Path) -> list[JobDir]:
+    root = work_dir / "jobs"
+    return [JobDir(p) for p in root.iterdir()] if root.is_dir() else []
 
 
 def remove_job_dir(job: JobDir) -> None:

@@ -289,13 +289,14 @@ async def start_daemon(
         credential: str | None = None,
         policy: ContainerPolicy | None = None,
         memory_mb: int | None = None,
+        machine_id: str | None = None,
         **tuning: Any,
     ) -> RunningDaemon:
         """A daemon on `nats_client`'s server (the session's by default)."""
         client = nats_client or nc
         config = ProviderConfig(
             api_url=gateway.url,
-            machine_id=str(uuid.uuid4()),
+            machine_id=machine_id or str(uuid.uuid4()),
             name="test-machine",
             simulate=simulate,
             work_dir=tmp_path / "work",

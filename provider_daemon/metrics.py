@@ -25,6 +25,24 @@ GPU_UTILIZATION = Gauge(
 )
 GPU_MEMORY_USED = Gauge("provider_daemon_gpu_memory_used_mb", "GPU memory used in MB", ["uuid"])
 GPU_TEMPERATURE = Gauge("provider_daemon_gpu_temperature_c", "GPU temperature", ["uuid"])
+# Jobs' output (logstream.py). Destinations: "live" (published to NATS), "file" (the stored
+# log). No job labels: a job's own counts are in its log's markers.
+LOG_LINES = Counter(
+    "provider_daemon_log_lines_total", "Lines of job output kept, by destination", ["destination"]
+)
+LOG_BYTES = Counter(
+    "provider_daemon_log_bytes_total", "Bytes of job output kept, by destination", ["destination"]
+)
+LOG_LINES_DROPPED = Counter(
+    "provider_daemon_log_lines_dropped_total",
+    "Lines of job output kept out of a destination, by reason (rate_limit, cap)",
+    ["destination", "reason"],
+)
+LOG_CAPS_REACHED = Counter(
+    "provider_daemon_log_caps_reached_total",
+    "Job attempts whose output reached the cap of a destination",
+    ["destination"],
+)
 
 
 def record_gpus(metrics: list[GpuMetrics]) -> None:

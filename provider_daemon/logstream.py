@@ -9,6 +9,7 @@ nothing is kept but the tail.
 import asyncio
 import codecs
 import logging
+import threading
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -27,6 +28,8 @@ KIB = 1024
 MIB = 1024 * KIB
 # Chunks handled in a row before the pump lets the rest of the daemon run.
 CHUNKS_PER_TURN = 64
+# Output chunks read but not yet consumed, at most.
+QUEUE_CHUNKS = 256
 METRICS_EVERY_S = 1.0
 FILE_CAP_MARKER = "[gpumarket: the stored log stops here, at its cap of {cap} per job]\n"
 
@@ -225,6 +228,7 @@ class LogPump:
         tail_bytes: int = 8 * 1024,
         limits: LogLimits | None = None,
         clock: Callable[[], float] = time.monotonic,
+        first_seq: int = 0,
     ) -> None:
         self.job_id = job_id
         self.attempt = attempt
@@ -236,13 +240,16 @@ class LogPump:
         self.limits = limits or LogLimits()
         self._clock = clock
         self._tail: deque[str] = deque(maxlen=tail_lines)
-        # Bounded, so a chatty container waits for us instead of filling our memory.
-        self._queue: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=256)
+        # Bounded by `_room`, so a chatty container waits for us instead of filling our
+        # memory; a threading semaphore, so the log thread can wait for room without a
+        # round trip through the event loop per chunk.
+        self._queue: asyncio.Queue[bytes | None] = asyncio.Queue()
+        self._room = threading.Semaphore(QUEUE_CHUNKS)
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._partial = ""
         self._pending: deque[str] = deque()
         self._pending_chars = 0
-        self._seq = 0
+        self._seq = first_seq
         self._gate = _LiveGate(self.limits, clock())
         self._file_full = False
         self._file_ends_line = True
@@ -255,7 +262,23 @@ class LogPump:
 
     async def put(self, chunk: bytes | None) -> None:
         """A chunk of output, or None at the end of the stream."""
-        await self._queue.put(chunk)
+        if not self._room.acquire(blocking=False):
+            await asyncio.to_thread(self._room.acquire)
+        self._queue.put_nowait(chunk)
+
+    def put_from_thread(
+        self, chunk: bytes | None, loop: asyncio.AbstractEventLoop, timeout_s: float
+    ) -> bool:
+        """put() for the log-reading thread: waits up to `timeout_s` for room, then hands
+        the chunk to the loop without waiting for it; False if it could not."""
+        if not self._room.acquire(timeout=timeout_s):
+            return False
+        try:
+            loop.call_soon_threadsafe(self._queue.put_nowait, chunk)
+        except RuntimeError:  # the loop is closed
+            self._room.release()
+            return False
+        return True
 
     def tail(self) -> str:
         text = "\n".join(self._tail)
@@ -399,9 +422,11 @@ class LogPump:
             waits.append(resume)
         timeout = max(0.0, min(waits)) if waits else None
         try:
-            return await asyncio.wait_for(self._queue.get(), timeout)
+            chunk = await asyncio.wait_for(self._queue.get(), timeout)
         except TimeoutError:
             return b""
+        self._room.release()
+        return chunk
 
     async def run(self) -> None:
         """Consumes until the end of the stream, then publishes what is left."""
@@ -417,6 +442,7 @@ class LogPump:
                     # a task per call, too much for a line per chunk.
                     try:
                         chunk = self._queue.get_nowait()
+                        self._room.release()
                     except asyncio.QueueEmpty:
                         in_a_row = 0
                         chunk = await self._next(loop, deadline)

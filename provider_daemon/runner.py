@@ -5,8 +5,8 @@ says whose fault it was, and the container and work dir are always removed.
 """
 
 import asyncio
-import concurrent.futures
 import logging
+import time
 from collections.abc import Awaitable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -183,6 +183,9 @@ class TaskRun:
             job.log_file,
             self.deps.publisher.logs,
             limits=self.deps.log_limits,
+            # A followed container's batches must not reuse the earlier run's numbers:
+            # their message ids would be taken for replays and dropped.
+            first_seq=time.time_ns() // 1000 if self.adopted is not None else 0,
         )
 
     async def _until_stopped(self, work: Awaitable[T]) -> T:
@@ -321,9 +324,7 @@ class TaskRun:
                 chunk, skip_bytes = chunk[skip_bytes:], max(0, skip_bytes - len(chunk))
                 if not chunk:
                     return
-            try:
-                asyncio.run_coroutine_threadsafe(pump.put(chunk), loop).result(timeout=60)
-            except (concurrent.futures.TimeoutError, RuntimeError):
+            if not pump.put_from_thread(chunk, loop, timeout_s=60):
                 abandoned = True
 
         pump_task = asyncio.create_task(pump.run())

@@ -18,12 +18,15 @@ from common.ids import is_uuid
 from common.messages import JobSubmitted, LogBatch, PullProgress
 from gateway.clients import ServiceClient, ServiceUnavailable, UpstreamError
 from gateway.schemas import JobArrayOut, JobArrayRequest, LogLine, StreamEnd
-from gateway.storage import presign
+from gateway.storage import UsageCache, presign
 from scheduler import job_store, states
 from scheduler.models import Job
 from scheduler.schemas import JobOut, JobSpec
+from storage_service.quota import over_quota
 
 log = logging.getLogger(__name__)
+# Per gateway process: what storage said of a user's usage in the last few seconds.
+_usage = UsageCache()
 
 
 # How many input files one submission looks up at storage_service at a time.
@@ -40,6 +43,7 @@ async def submit_job(
 ) -> JobOut:
     """Stores the job with its hold (it can't be lost once we answer 202), then publishes
     a wake-up. Credits that don't cover the hold: 402, and nothing is stored."""
+    await _check_storage_quota(storage, owner_id)
     await _check_inputs(storage, owner_id, [("", spec)])
     async with db.begin() as session:
         job = await job_store.create_job(session, owner_id, spec, billing)
@@ -61,6 +65,7 @@ async def submit_array(
 ) -> JobArrayOut:
     """Stores a whole job array with its holds or nothing, then publishes one wake-up."""
     specs, named = _array_specs(body)
+    await _check_storage_quota(storage, owner_id)
     await _check_inputs(storage, owner_id, named)
     async with db.begin() as session:
         array_id, created = await job_store.create_array(session, owner_id, specs, billing)
@@ -90,6 +95,14 @@ def _array_specs(body: JobArrayRequest) -> tuple[list[JobSpec], list[tuple[str, 
     if body.count is None:
         raise Invalid("template needs a count", field="count")
     return [body.template] * body.count, [("template.", body.template)]
+
+
+async def _check_storage_quota(storage: ServiceClient, owner_id: str) -> None:
+    """A user already past the storage quota (their outputs may take them there) submits
+    nothing until files are deleted or expire: 403 saying so."""
+    refusal = over_quota(await _usage.get(storage, owner_id))
+    if refusal is not None:
+        raise refusal
 
 
 async def _check_inputs(

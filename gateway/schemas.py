@@ -9,6 +9,7 @@ from common.messages import OutputFile
 from common.types import SafeStr
 from provider_registry.schemas import MachineSpec, ProviderOut
 from scheduler.schemas import JobOut, JobSpec, relative_path
+from storage_service.schemas import Sha256, UploadedPart
 
 MAX_ARRAY_JOBS = 1000
 
@@ -18,6 +19,8 @@ class FileCreateRequest(BaseModel):
 
     filename: SafeStr = Field(min_length=1, max_length=255)
     size: int = Field(ge=0)
+    # The upload URL then takes only these bytes; the daemon checks them again.
+    sha256: Sha256
 
 
 class JobArrayRequest(BaseModel):
@@ -64,6 +67,8 @@ class AgentInput(BaseModel):
     file_id: str
     path: str
     size: int
+    # None for files registered before checksums were required.
+    sha256: str | None = None
     download_url: str
 
 
@@ -72,6 +77,8 @@ class AgentOutputsRequest(BaseModel):
 
     attempt: int = Field(ge=0)
     files: list[OutputFile] = Field(max_length=10_000)
+    # The full log's size, so it counts against the owner's storage quota.
+    log_size: int | None = Field(default=None, ge=0)
 
     @field_validator("files")
     @classmethod
@@ -81,14 +88,52 @@ class AgentOutputsRequest(BaseModel):
         return files
 
 
+class MultipartUpload(BaseModel):
+    """A big output goes up in parts: part n (from 1) is bytes [(n-1) x part_size,
+    n x part_size) of the file, PUT to part_urls[n - 1]; then outputs/complete."""
+
+    upload_id: str
+    part_size: int
+    part_urls: list[str]
+
+
 class UploadUrl(BaseModel):
+    """One output: a single PUT to upload_url, or `multipart` for a big one."""
+
     path: str
-    upload_url: str
+    upload_url: str | None = None
+    multipart: MultipartUpload | None = None
 
 
 class AgentOutputsResponse(BaseModel):
     uploads: list[UploadUrl]
     log_upload_url: str
+    # Every URL above works until then (sized to the bytes to send).
+    expires_at: datetime | None = None
+
+
+class AgentUploadRef(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    attempt: int = Field(ge=0)
+    path: SafeStr = Field(min_length=1, max_length=1024)
+    upload_id: SafeStr = Field(min_length=1, max_length=1024)
+
+    @field_validator("path")
+    @classmethod
+    def _relative(cls, path: str) -> str:
+        return relative_path(path)
+
+
+class AgentCompleteRequest(AgentUploadRef):
+    """The parts of a multipart output, all sent: S3 joins them into the object."""
+
+    parts: list[UploadedPart] = Field(min_length=1, max_length=10_000)
+
+
+class CompletedOutput(BaseModel):
+    path: str
+    size: int  # as stored
 
 
 class OutputOut(BaseModel):

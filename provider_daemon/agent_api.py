@@ -2,9 +2,11 @@
 and the owner's commands about this machine (status, drain, prices, leave)."""
 
 import asyncio
+import hashlib
 import logging
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -34,17 +36,31 @@ class InputFile(_Response):
     file_id: str
     path: str
     size: int
+    # None for files registered before checksums were required (not checked then).
+    sha256: str | None = None
     download_url: str
 
 
+class MultipartTarget(_Response):
+    """Part n (from 1) is bytes [(n-1) x part_size, n x part_size) of the file."""
+
+    upload_id: str
+    part_size: int
+    part_urls: list[str]
+
+
 class UploadTarget(_Response):
+    """A single PUT to upload_url, or the parts of a big file."""
+
     path: str
-    upload_url: str
+    upload_url: str | None = None
+    multipart: MultipartTarget | None = None
 
 
 class OutputsPlan(_Response):
     uploads: list[UploadTarget]
     log_upload_url: str
+    expires_at: datetime | None = None
 
 
 class ProviderStatus(_Response):
@@ -119,29 +135,47 @@ class AgentApi:
         except (ValidationError, ValueError, TypeError) as exc:
             raise InfrastructureError(f"{what}: unexpected response: {exc}") from None
 
-    async def download(self, url: str, dest: Path, expected_size: int | None = None) -> int:
-        """Streams one presigned URL to `dest`; returns the bytes written."""
-        what = f"downloading input {dest.name}"
+    async def download(
+        self,
+        url: str,
+        dest: Path,
+        expected_size: int | None = None,
+        expected_sha256: str | None = None,
+        name: str | None = None,
+    ) -> int:
+        """Streams one presigned URL to `dest`, hashing as it goes; returns the bytes
+        written. Bytes of the wrong size or sha256 are fetched again (the transfer may
+        have damaged them), then refused."""
+        what = f"downloading input {name or dest.name}"
 
         async def call() -> int:
             written = 0
+            digest = hashlib.sha256()
             async with self.client.stream("GET", url) as response:
                 _check(response, what)
                 with dest.open("wb") as f:
                     async for chunk in response.aiter_bytes(CHUNK):
                         f.write(chunk)
+                        digest.update(chunk)
                         written += len(chunk)
+            if expected_size is not None and written != expected_size:
+                raise _Transient(f"got {written} bytes, expected {expected_size}")
+            if expected_sha256 is not None and digest.hexdigest() != expected_sha256:
+                raise _Transient(
+                    f"the bytes have sha256 {digest.hexdigest()}, expected {expected_sha256}"
+                )
             return written
 
-        written = await self._retry(what, call)
-        if expected_size is not None and written != expected_size:
-            raise InfrastructureError(f"{what}: got {written} bytes, expected {expected_size}")
-        return written
+        return await self._retry(what, call)
 
-    async def plan_outputs(self, job_id: str, attempt: int, files: list[OutputFile]) -> OutputsPlan:
+    async def plan_outputs(
+        self, job_id: str, attempt: int, files: list[OutputFile], log_size: int | None = None
+    ) -> OutputsPlan:
         url = f"{self.api_url}/v1/agent/jobs/{job_id}/outputs"
         what = f"registering outputs of job {job_id}"
-        body = {"attempt": attempt, "files": [f.model_dump() for f in files]}
+        body: dict[str, Any] = {"attempt": attempt, "files": [f.model_dump() for f in files]}
+        if log_size is not None:
+            body["log_size"] = log_size
 
         async def call() -> OutputsPlan:
             response = await self.client.post(url, json=body, headers=self._auth)
@@ -173,6 +207,59 @@ class AgentApi:
             _check(response, what)
 
         await self._retry(what, call)
+
+    async def upload_part(self, url: str, src: Path, offset: int, length: int, what: str) -> str:
+        """PUTs bytes [offset, offset + length) of a file to an UploadPart URL, read in
+        chunks (a retry reads them again); returns the part's ETag."""
+
+        async def body() -> AsyncIterator[bytes]:
+            with src.open("rb") as f:
+                f.seek(offset)
+                left = length
+                while left > 0 and (chunk := f.read(min(CHUNK, left))):
+                    left -= len(chunk)
+                    yield chunk
+
+        async def call() -> str:
+            headers = {"Content-Length": str(length)}
+            response = await self.client.put(url, content=body(), headers=headers)
+            _check(response, what)
+            etag = response.headers.get("etag")
+            if not etag:
+                raise InfrastructureError(f"{what}: storage answered without an ETag")
+            return etag
+
+        return await self._retry(what, call)
+
+    async def _upload_call(
+        self, job_id: str, action: str, body: dict[str, Any], what: str
+    ) -> httpx.Response:
+        url = f"{self.api_url}/v1/agent/jobs/{job_id}/outputs/{action}"
+
+        async def call() -> httpx.Response:
+            response = await self.client.post(url, json=body, headers=self._auth)
+            _check(response, what)
+            return response
+
+        return await self._retry(what, call)
+
+    async def complete_upload(
+        self, job_id: str, attempt: int, path: str, upload_id: str, etags: list[str]
+    ) -> int:
+        """Asks the platform to join the parts (etags[n - 1] is part n's); returns the
+        object's size as stored."""
+        parts = [{"part_number": n, "etag": etag} for n, etag in enumerate(etags, 1)]
+        body = {"attempt": attempt, "path": path, "upload_id": upload_id, "parts": parts}
+        what = f"completing the upload of {path}"
+        response = await self._upload_call(job_id, "complete", body, what)
+        try:
+            return int(response.json()["size"])
+        except (ValueError, KeyError, TypeError):
+            raise InfrastructureError(f"{what}: unexpected response") from None
+
+    async def abort_upload(self, job_id: str, attempt: int, path: str, upload_id: str) -> None:
+        body = {"attempt": attempt, "path": path, "upload_id": upload_id}
+        await self._upload_call(job_id, "abort", body, f"aborting the upload of {path}")
 
     # --- the machine itself ----------------------------------------------------------
 

@@ -1,22 +1,31 @@
 """Routes for provider daemons, authenticated by their agent credential."""
 
-from fastapi import APIRouter, Depends, Query
+import asyncio
+
+from fastapi import APIRouter, Depends, Query, Response, status
+from pydantic import ValidationError
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
+from common.errors import Invalid
 from gateway import fleet, jobs
 from gateway.api import deps
-from gateway.clients import ServiceClient
+from gateway.clients import ServiceClient, ServiceUnavailable
 from gateway.schemas import (
+    AgentCompleteRequest,
     AgentInput,
     AgentOutputsRequest,
     AgentOutputsResponse,
+    AgentUploadRef,
+    CompletedOutput,
+    MultipartUpload,
     ProviderStatus,
     UploadUrl,
 )
 from gateway.security import Agent, current_agent
-from gateway.storage import presign
+from gateway.storage import abort_upload, complete_upload, plan_uploads
 from provider_registry.schemas import PriceChange, ProviderOut
 from scheduler import job_store
+from storage_service.schemas import ObjectToUpload, PlannedUpload
 
 router = APIRouter(prefix="/v1/agent", tags=["agent"])
 
@@ -41,10 +50,30 @@ async def task_inputs(
                 file_id=f["file_id"],
                 path=item["path"],
                 size=f["size"],
+                sha256=f.get("sha256"),
                 download_url=f["download_url"],
             )
         )
     return result
+
+
+def _output_objects(job_id: str, attempt: int, body: AgentOutputsRequest) -> list[ObjectToUpload]:
+    objects = []
+    for i, f in enumerate(body.files):
+        key = job_store.output_key(job_id, attempt, f.path)
+        try:
+            objects.append(ObjectToUpload(key=key, size=f.size, sha256=f.sha256))
+        except ValidationError as exc:
+            field = ".".join(str(p) for p in exc.errors()[0]["loc"])
+            raise Invalid(exc.errors()[0]["msg"], field=f"files.{i}.{field}") from None
+    return objects
+
+
+def _upload_url(path: str, planned: PlannedUpload) -> UploadUrl:
+    multipart = None
+    if planned.multipart is not None:
+        multipart = MultipartUpload.model_validate(planned.multipart.model_dump())
+    return UploadUrl(path=path, upload_url=planned.url, multipart=multipart)
 
 
 @router.post("/jobs/{job_id}/outputs", response_model=AgentOutputsResponse)
@@ -55,17 +84,60 @@ async def task_outputs(
     db: async_sessionmaker = Depends(deps.db),
     storage: ServiceClient = Depends(deps.storage),
 ) -> AgentOutputsResponse:
-    """Upload URLs, one object each, for a task's outputs and its full log."""
+    """Upload URLs, one object each, for a task's outputs and its full log: a single PUT
+    bound to the file's sha256, or parts for a big file. They count against the job
+    owner's storage quota but are never refused for it (a finished job's results are
+    kept)."""
     job = await jobs.job_for_agent(db, job_id, agent.provider_id, body.attempt)
-    keys = [job_store.output_key(job.id, job.attempt, f.path) for f in body.files]
-    urls, _ = await presign(storage, "outputs", keys, "PUT")
-    [log_url], _ = await presign(storage, "logs", [job_store.log_key(job.id, job.attempt)], "PUT")
+    objects = _output_objects(job.id, job.attempt, body)
+    log_object = ObjectToUpload(key=job_store.log_key(job.id, job.attempt), size=body.log_size or 0)
+    log_plan = plan_uploads(storage, job.owner_id, "logs", [log_object])
+    uploads: list[UploadUrl] = []
+    if objects:
+        outputs, logs = await asyncio.gather(
+            plan_uploads(storage, job.owner_id, "outputs", objects), log_plan
+        )
+        uploads = [_upload_url(f.path, p) for f, p in zip(body.files, outputs.uploads, strict=True)]
+        expires_at = min(outputs.expires_at, logs.expires_at)
+    else:
+        logs = await log_plan
+        expires_at = logs.expires_at
+    [log_upload] = logs.uploads
+    if log_upload.url is None:
+        raise ServiceUnavailable("storage gave no single upload URL for the log")
     return AgentOutputsResponse(
-        uploads=[
-            UploadUrl(path=f.path, upload_url=u) for f, u in zip(body.files, urls, strict=True)
-        ],
-        log_upload_url=log_url,
+        uploads=uploads, log_upload_url=log_upload.url, expires_at=expires_at
     )
+
+
+@router.post("/jobs/{job_id}/outputs/complete", response_model=CompletedOutput)
+async def complete_output(
+    job_id: str,
+    body: AgentCompleteRequest,
+    agent: Agent = Depends(current_agent),
+    db: async_sessionmaker = Depends(deps.db),
+    storage: ServiceClient = Depends(deps.storage),
+) -> CompletedOutput:
+    """Joins the parts of a big output, all sent, into the object; answers its size."""
+    job = await jobs.job_for_agent(db, job_id, agent.provider_id, body.attempt)
+    key = job_store.output_key(job.id, job.attempt, body.path)
+    done = await complete_upload(storage, "outputs", key, body.upload_id, body.parts)
+    return CompletedOutput(path=body.path, size=done.size)
+
+
+@router.post("/jobs/{job_id}/outputs/abort", status_code=status.HTTP_204_NO_CONTENT)
+async def abort_output(
+    job_id: str,
+    body: AgentUploadRef,
+    agent: Agent = Depends(current_agent),
+    db: async_sessionmaker = Depends(deps.db),
+    storage: ServiceClient = Depends(deps.storage),
+) -> Response:
+    """Drops a big output's parts after its upload failed."""
+    job = await jobs.job_for_agent(db, job_id, agent.provider_id, body.attempt)
+    key = job_store.output_key(job.id, job.attempt, body.path)
+    await abort_upload(storage, "outputs", key, body.upload_id)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
 @router.get("/provider", response_model=ProviderStatus)

@@ -44,7 +44,7 @@ from gpumarket.client.transfer import CHUNK, AsyncFileChunks, Download, Progress
 from provider_registry.schemas import OfferFilters, OfferPage, ProviderOut
 from scheduler import states
 from scheduler.schemas import JobOut, JobSpec
-from storage_service.schemas import FileOut, FileUpload
+from storage_service.schemas import FileOut, FileUpload, Usage
 
 T = TypeVar("T")
 
@@ -163,7 +163,7 @@ class AsyncClient(ClientBase):
     ) -> FileUpload:
         """Registers a file and PUTs its bytes (read in chunks) to its presigned URL."""
         upload = await asyncio.to_thread(Upload.of, source, filename, progress, AsyncFileChunks)
-        record = await self.send(calls.create_file(upload.filename, upload.size))
+        record = await self.send(calls.create_file(upload.filename, upload.size, upload.sha256))
         response = await self.storage.put(
             record.upload_url, content=upload.content, headers={"Content-Length": str(upload.size)}
         )
@@ -172,6 +172,14 @@ class AsyncClient(ClientBase):
 
     async def file(self, file_id: str) -> FileOut:
         return await self.send(calls.file(file_id))
+
+    async def delete_file(self, file_id: str) -> None:
+        """Deletes an uploaded file, freeing its space in the storage quota."""
+        await self.send(calls.delete_file(file_id))
+
+    async def storage_usage(self) -> Usage:
+        """Bytes stored (input files, job outputs and logs) against the quota."""
+        return await self.send(calls.storage_usage())
 
     # --- jobs ---
 

@@ -37,7 +37,7 @@ from billing.schemas import (
 from gateway.schemas import FileCreateRequest, JobArrayOut, JobArrayRequest, OutputOut
 from provider_registry.schemas import OfferFilters, OfferPage, PriceChange, ProviderOut
 from scheduler.schemas import JobOut, JobSpec
-from storage_service.schemas import FileOut, FileUpload
+from storage_service.schemas import FileOut, FileUpload, Usage
 
 T = TypeVar("T")
 M = TypeVar("M", bound=BaseModel)
@@ -129,13 +129,21 @@ def revoke_api_key(key_id: str) -> Call[ApiKeyOut]:
 # --- files ---
 
 
-def create_file(filename: str, size: int) -> Call[FileUpload]:
-    body = FileCreateRequest(filename=filename, size=size)
+def create_file(filename: str, size: int, sha256: str) -> Call[FileUpload]:
+    body = FileCreateRequest(filename=filename, size=size, sha256=sha256)
     return Call("POST", "/v1/files", one(FileUpload), body=body)
 
 
 def file(file_id: str) -> Call[FileOut]:
     return Call("GET", f"/v1/files/{file_id}", one(FileOut))
+
+
+def delete_file(file_id: str) -> Call[None]:
+    return Call("DELETE", f"/v1/files/{file_id}", nothing)
+
+
+def storage_usage() -> Call[Usage]:
+    return Call("GET", "/v1/files/usage", one(Usage))
 
 
 # --- jobs ---

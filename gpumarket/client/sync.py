@@ -44,7 +44,7 @@ from gpumarket.client.transfer import CHUNK, Download, Progress, Upload, refused
 from provider_registry.schemas import OfferFilters, OfferPage, ProviderOut
 from scheduler import states
 from scheduler.schemas import JobOut, JobSpec
-from storage_service.schemas import FileOut, FileUpload
+from storage_service.schemas import FileOut, FileUpload, Usage
 
 T = TypeVar("T")
 
@@ -162,7 +162,7 @@ class Client(ClientBase):
     ) -> FileUpload:
         """Registers a file and PUTs its bytes (read in chunks) to its presigned URL."""
         upload = Upload.of(source, filename, progress)
-        record = self.send(calls.create_file(upload.filename, upload.size))
+        record = self.send(calls.create_file(upload.filename, upload.size, upload.sha256))
         response = self.storage.put(
             record.upload_url, content=upload.content, headers={"Content-Length": str(upload.size)}
         )
@@ -171,6 +171,14 @@ class Client(ClientBase):
 
     def file(self, file_id: str) -> FileOut:
         return self.send(calls.file(file_id))
+
+    def delete_file(self, file_id: str) -> None:
+        """Deletes an uploaded file, freeing its space in the storage quota."""
+        self.send(calls.delete_file(file_id))
+
+    def storage_usage(self) -> Usage:
+        """Bytes stored (input files, job outputs and logs) against the quota."""
+        return self.send(calls.storage_usage())
 
     # --- jobs ---
 

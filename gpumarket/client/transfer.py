@@ -56,12 +56,22 @@ class AsyncFileChunks(FileChunks):
                 yield self._count(chunk)
 
 
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 @dataclass(frozen=True)
 class Upload:
-    """What one PUT sends: a file (read in chunks) or bytes."""
+    """What one PUT sends: a file (read in chunks) or bytes, with the sha256 the upload
+    URL is then bound to (storage refuses other bytes)."""
 
     filename: str
     size: int
+    sha256: str
     content: bytes | FileChunks
 
     @classmethod
@@ -73,8 +83,10 @@ class Upload:
         chunks: type[FileChunks] = FileChunks,
     ) -> "Upload":
         if isinstance(source, Path):
-            return cls(filename or source.name, source.stat().st_size, chunks(source, progress))
-        return cls(filename or "data", len(source), source)
+            # Hashed before the upload is registered: one more read of the file.
+            size, sha256 = source.stat().st_size, file_sha256(source)
+            return cls(filename or source.name, size, sha256, chunks(source, progress))
+        return cls(filename or "data", len(source), hashlib.sha256(source).hexdigest(), source)
 
     def sent(self, response: httpx.Response, progress: Progress | None) -> None:
         """Checks storage's answer; bytes (not read in chunks) count as moved only now."""
@@ -101,11 +113,7 @@ def matches(path: Path, size: int, sha256: str) -> bool:
     """Whether `path` already holds exactly these bytes (a download need not repeat)."""
     if not path.is_file() or path.stat().st_size != size:
         return False
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest() == sha256
+    return file_sha256(path) == sha256
 
 
 class Download:

@@ -43,8 +43,10 @@ RULES: dict[tuple[str, str], Rule] = {
     ("POST", "/v1/api-keys"): Rule(SESSION, body={"name": "k"}),
     ("GET", "/v1/api-keys"): Rule(SESSION),
     ("DELETE", "/v1/api-keys/{key_id}"): Rule(SESSION_OR_SELF, owns="api_key"),
-    ("POST", "/v1/files"): Rule("requester", body={"filename": "f", "size": 1}),
+    ("POST", "/v1/files"): Rule("requester", body={"filename": "f", "size": 1, "sha256": "0" * 64}),
+    ("GET", "/v1/files/usage"): Rule("requester"),
     ("GET", "/v1/files/{file_id}"): Rule("requester", owns="file"),
+    ("DELETE", "/v1/files/{file_id}"): Rule("requester", owns="file"),
     ("POST", "/v1/jobs"): Rule("requester", body=JOB_BODY),
     ("POST", "/v1/jobs/batch"): Rule(
         "requester",
@@ -71,6 +73,19 @@ RULES: dict[tuple[str, str], Rule] = {
     ("GET", "/v1/agent/jobs/{job_id}/inputs"): Rule("agent", owns="task", params={"attempt": 0}),
     ("POST", "/v1/agent/jobs/{job_id}/outputs"): Rule(
         "agent", owns="task", body={"attempt": 0, "files": []}
+    ),
+    ("POST", "/v1/agent/jobs/{job_id}/outputs/complete"): Rule(
+        "agent",
+        owns="task",
+        body={
+            "attempt": 0,
+            "path": "big.bin",
+            "upload_id": "u",
+            "parts": [{"part_number": 1, "etag": "e"}],
+        },
+    ),
+    ("POST", "/v1/agent/jobs/{job_id}/outputs/abort"): Rule(
+        "agent", owns="task", body={"attempt": 0, "path": "big.bin", "upload_id": "u"}
     ),
     ("GET", "/v1/agent/provider"): Rule("agent"),
     ("POST", "/v1/agent/provider/drain"): Rule("agent"),

@@ -12,6 +12,9 @@ from gpumarket.platform import SAMPLE_IMAGE
 from scheduler.schemas import JobOut
 from tests.fixtures.platform import new_user
 
+# A well-formed file registration, for tests that spoil one field of it.
+A_FILE = {"filename": "f.txt", "size": 1, "sha256": hashlib.sha256(b"x").hexdigest()}
+
 
 def wait_for(client: Client, job_id: str, predicate, timeout: float = 60.0) -> JobOut:  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + timeout
@@ -196,8 +199,8 @@ class TestMalformedRequests:
     @pytest.mark.parametrize(
         ("method", "path", "kwargs", "status", "field"),
         [
-            ("POST", "/v1/files", {"json": {"filename": "a\x00b", "size": 1}}, 422, "filename"),
-            ("POST", "/v1/files", {"json": {"filename": "a/b", "size": 1}}, 422, "filename"),
+            ("POST", "/v1/files", {"json": {**A_FILE, "filename": "a\x00b"}}, 422, "filename"),
+            ("POST", "/v1/files", {"json": {**A_FILE, "filename": "a/b"}}, 422, "filename"),
             ("GET", "/v1/files/%00", {}, 404, None),
             ("GET", "/v1/offers", {"params": {"max_price": "1e999"}}, 422, "max_price"),
             ("GET", "/v1/offers", {"params": {"model": "\x00"}}, 422, "model.0"),

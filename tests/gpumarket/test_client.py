@@ -262,13 +262,19 @@ class TestTransfers:
 
         def handler(request: httpx.Request) -> httpx.Response:
             if request.url.path == "/v1/files":
-                assert json.loads(request.content) == {"filename": "big.bin", "size": 3_000_000}
+                sha256 = hashlib.sha256(source.read_bytes()).hexdigest()
+                assert json.loads(request.content) == {
+                    "filename": "big.bin",
+                    "size": 3_000_000,
+                    "sha256": sha256,
+                }
                 return httpx.Response(
                     201,
                     json={
                         "file_id": "f",
                         "filename": "big.bin",
                         "size": 3_000_000,
+                        "sha256": sha256,
                         "upload_url": "http://s3.test/b/k",
                         "expires_at": "2026-11-25T01:00:00Z",
                     },

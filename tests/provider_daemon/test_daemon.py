@@ -3,7 +3,6 @@
 import asyncio
 import hashlib
 import logging
-import uuid
 from pathlib import Path
 
 import docker
@@ -14,7 +13,7 @@ import pytest
 from common.messages import TaskCancel, TaskInput
 from common.streams import ensure_streams
 from gpumarket.localstack.nats import start_nats
-from provider_daemon.containers import LABEL_ATTEMPT, LABEL_JOB, LABEL_PROVIDER
+from provider_daemon.containers import LABEL_PROVIDER
 from tests.provider_daemon.conftest import FakeGateway, StartDaemon, until
 
 SAMPLE = "localhost/gpumarket-sample:latest"
@@ -226,27 +225,6 @@ class TestFleetBehaviour:
             all=True, filters={"label": f"{LABEL_PROVIDER}={running.provider_id}"}
         )
         assert left == []
-
-    async def test_leftover_containers_of_a_crash_are_reaped(
-        self,
-        start_daemon: StartDaemon,
-        docker_client: docker.DockerClient,
-        sample_image: str,
-    ) -> None:
-        provider_id = uuid.uuid4().hex
-        leftover = await asyncio.to_thread(
-            docker_client.containers.run,
-            sample_image,
-            ["sleep", "60"],
-            detach=True,
-            network_mode="none",
-            labels={LABEL_PROVIDER: provider_id, LABEL_JOB: "job-crashed", LABEL_ATTEMPT: "4"},
-        )
-        running = await start_daemon(provider_id=provider_id)
-        finished = await running.finished("job-crashed")
-        assert (finished.attempt, finished.outcome) == (4, "infrastructure")
-        remaining = await asyncio.to_thread(docker_client.containers.list, all=True)
-        assert leftover.id not in {c.id for c in remaining}
 
     async def test_metrics_and_health(self, start_daemon: StartDaemon) -> None:
         from gpumarket.localstack.process import free_port

@@ -1,9 +1,10 @@
-"""`gpumarket login`, `logout`, `whoami`, `balance`."""
+"""`gpumarket login`, `logout`, `whoami`, `balance`, `storage`."""
 
 import socket
 import sys
 
 import typer
+from rich.filesize import decimal
 from rich.table import Table
 
 from billing.amounts import show
@@ -121,3 +122,22 @@ def balance(as_json: bool = JSON_OPTION) -> None:
     table = Table("AVAILABLE", "HELD", "EARNED", title="credits", title_justify="left")
     table.add_row(show(money.available), show(money.held), show(money.earnings))
     out.print(table)
+
+
+@app.command(rich_help_panel=PANEL)
+@handles_errors
+def storage(as_json: bool = JSON_OPTION) -> None:
+    """What you store against your quota: input files, job outputs and logs."""
+    with client() as api:
+        used = api.storage_usage()
+    if as_json:
+        print_json(used)
+        return
+    table = Table(
+        "USED", "QUOTA", "FILES", "OUTPUTS", "LOGS", title="storage", title_justify="left"
+    )
+    sizes = (used.used_bytes, used.quota_bytes, used.files_bytes, used.outputs_bytes)
+    table.add_row(*(decimal(n) for n in (*sizes, used.logs_bytes)))
+    out.print(table)
+    days = used.retention_s / 86400
+    err.print(f"kept {days:g} days after upload, then deleted", highlight=False)

@@ -252,6 +252,10 @@ class TestLogin:
         key = json.loads(saved.read_text())["api_key"]
         assert cli.json("whoami")["email"] == me.email  # type: ignore[index]
         assert cli.json("balance")["available"] == "1000.000000"  # type: ignore[index]
+        usage = cli.json("storage")
+        assert usage["used_bytes"] >= 0 and usage["quota_bytes"] > 0  # type: ignore[index]
+        shown = cli("storage")
+        assert shown.returncode == 0 and "QUOTA" in shown.stdout, shown.stderr
 
         assert cli.json("logout") == {"logged_out": True, "api": platform.gateway_url}
         assert not saved.exists()

@@ -1,5 +1,7 @@
 """`gpumarket`: the operator and requester CLI."""
 
+import shlex
+import shutil
 import signal
 import sys
 import tempfile
@@ -11,6 +13,7 @@ from rich.console import Console
 
 from gpumarket.admin import admin_app
 from gpumarket.bench import run_jobs_bench
+from gpumarket.bench_containers import DEFAULT_COMMAND, run_containers_bench
 from gpumarket.bench_heartbeats import run_heartbeats_bench
 from gpumarket.bench_scheduling import DECISION_MACHINES, BenchError, Via, run_scheduling_bench
 from gpumarket.commands import account, jobs, market
@@ -176,6 +179,52 @@ def bench_scheduling(
     except (BenchError, RuntimeError) as exc:
         console.print(f"[red]bench scheduling failed:[/] {exc}", soft_wrap=True)
         raise typer.Exit(1) from exc
+
+
+@bench_app.command("containers")
+def bench_containers(
+    jobs: int = typer.Option(
+        50, min=1, max=1_000, help="Jobs through the platform; containers through the engine."
+    ),
+    simulate: str = typer.Option(
+        DEFAULT_SIMULATED_GPUS,
+        help="Simulated GPUs of the local provider, MODEL:COUNT (one job per GPU at once).",
+    ),
+    command: str = typer.Option(shlex.join(DEFAULT_COMMAND), help="The command, shell words."),
+    array: bool = typer.Option(False, help="Submit the jobs as one job array."),
+    timeout: float | None = typer.Option(
+        None, min=1, help="Seconds for every platform job to end (default: 120 + 2 x jobs)."
+    ),
+    log_dir: Path | None = typer.Option(
+        None, help="Copy every process' log here at the end (the run's temp dir is removed)."
+    ),
+) -> None:
+    """M short jobs through the platform, M containers through the engine; prints both rates."""
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    with tempfile.TemporaryDirectory(prefix="gpumarket-bench-containers-") as tmp:
+        platform = LocalPlatform(
+            data_dir=Path(tmp),
+            gateway_port=free_port(),
+            simulate=simulate,
+            # The bench's polling and submissions must not meet the per-principal limit.
+            settings={"GPUMARKET_RATE_LIMIT_PER_PRINCIPAL": "1000000/second"},
+        )
+        try:
+            accounts = start_everything(platform, console)
+            result = run_containers_bench(
+                platform, accounts, jobs, shlex.split(command), array, timeout, console
+            )
+        except BenchError as exc:
+            console.print(f"[red]bench containers failed:[/] {exc}", soft_wrap=True)
+            raise typer.Exit(1) from exc
+        finally:
+            platform.stop()
+            if log_dir is not None:
+                shutil.copytree(platform.log_dir, log_dir, dirs_exist_ok=True)
+                # On stderr: the JSON stays the last line of stdout.
+                Console(stderr=True).print(f"logs kept in {log_dir}")
+    if result["failed"] or result["engine_failed"]:
+        raise typer.Exit(1)
 
 
 def main() -> None:

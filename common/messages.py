@@ -52,7 +52,9 @@ class OutputFile(Contract):
     sha256: str
 
 
-EventType = Literal["accepted", "started", "finished", "rejected"]
+# "exited": the container has ended (its GPUs are free for the next job) while the daemon
+# still uploads its results; "finished" follows with the outcome.
+EventType = Literal["accepted", "started", "exited", "finished", "rejected"]
 
 
 class JobEvent(Contract):

@@ -435,7 +435,10 @@ class Daemon:
         return None
 
     def _busy_gpus(self) -> set[str]:
-        return {u for run in self.active.values() for u in run.task.gpu_uuids}
+        """GPUs of attempts whose container still runs (not those uploading results)."""
+        return {
+            u for run in self.active.values() if not run.gpus_released for u in run.task.gpu_uuids
+        }
 
     def _remember(self, key: tuple[str, int]) -> None:
         self.finished[key] = None

@@ -6,6 +6,7 @@ says whose fault it was, and the container and work dir are always removed.
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import Awaitable
 from dataclasses import dataclass, field, replace
@@ -54,6 +55,8 @@ Outcome = Literal["exited", "timed_out", "cancelled", "infrastructure"]
 StopOutcome = Literal["cancelled", "infrastructure"]
 # 128 + SIGKILL: what a container killed by the kernel's OOM killer exits with.
 SIGKILL_EXIT = 137
+# How long the followed log stream may take to end after the container did.
+LOG_FOLLOW_GRACE_S = 2.0
 # How long the log stream may lag behind the container's exit before we stop waiting.
 LOG_DRAIN_S = 10.0
 
@@ -111,6 +114,8 @@ class TaskRun:
         self.deps = deps
         self.task = task
         self.adopted = adopted
+        # Set once the container has ended: its GPUs may go to the next job meanwhile.
+        self.gpus_released = False
         self.log = logging.LoggerAdapter(log, {"job_id": task.job_id, "attempt": task.attempt})
         self._stop_requested = asyncio.Event()
         self._stop_outcome: StopOutcome = "cancelled"
@@ -313,19 +318,32 @@ class TaskRun:
         task, containers = self.task, self.deps.containers
         loop = asyncio.get_running_loop()
         abandoned = False
+        # Bytes of the engine's log stream seen so far; the lock makes "stop feeding and
+        # say how far it got" one step for _fetch_rest.
+        delivered = 0
+        feeding = threading.Lock()
 
         def on_chunk(chunk: bytes | None) -> None:
             # From the log thread: wait for room in the pump's queue (backpressure), but
             # never forever in case the pump is gone.
-            nonlocal abandoned, skip_bytes
-            if abandoned:
-                return
-            if chunk and skip_bytes:
-                chunk, skip_bytes = chunk[skip_bytes:], max(0, skip_bytes - len(chunk))
-                if not chunk:
+            nonlocal abandoned, skip_bytes, delivered
+            with feeding:
+                if abandoned:
                     return
-            if not pump.put_from_thread(chunk, loop, timeout_s=60):
+                if chunk:
+                    delivered += len(chunk)
+                if chunk and skip_bytes:
+                    chunk, skip_bytes = chunk[skip_bytes:], max(0, skip_bytes - len(chunk))
+                    if not chunk:
+                        return
+                if not pump.put_from_thread(chunk, loop, timeout_s=60):
+                    abandoned = True
+
+        def stop_feeding() -> int:
+            nonlocal abandoned
+            with feeding:
                 abandoned = True
+                return delivered
 
         pump_task = asyncio.create_task(pump.run())
         stream = containers.stream_logs(container, on_chunk)
@@ -348,7 +366,14 @@ class TaskRun:
                 await containers.stop(container, self.deps.stop_grace_s)
                 result.exit_code = await asyncio.wait_for(waiting, self.deps.stop_grace_s + 30)
             result.started_at, result.ended_at = started_at, datetime.now(UTC)
-            await asyncio.wait({pump_task}, timeout=LOG_DRAIN_S)
+            await self._release_gpus(result)
+            await asyncio.wait({pump_task}, timeout=LOG_FOLLOW_GRACE_S)
+            if not pump_task.done():
+                # Podman's followed stream sometimes outlives its container: the rest of
+                # the output comes from a plain read instead.
+                seen = await asyncio.to_thread(stop_feeding)
+                await self._fetch_rest(container, pump, seen)
+                await asyncio.wait({pump_task}, timeout=LOG_DRAIN_S)
             return result
         finally:
             stop.cancel()
@@ -358,6 +383,26 @@ class TaskRun:
             # Both threads end when the container is removed; nobody waits for them.
             waiting.cancel()
             stream.cancel()
+
+    async def _release_gpus(self, result: Result) -> None:
+        """The container has ended: its GPUs may take the next job (the platform frees
+        them on `exited`) while this attempt uploads its results."""
+        self.gpus_released = True
+        task = self.task
+        await self.deps.publisher.event(
+            task.job_id, task.attempt, "exited", exit_code=result.exit_code
+        )
+
+    async def _fetch_rest(self, container: Container, pump: LogPump, seen: int) -> None:
+        """Ends `pump` with the container's output past the first `seen` bytes."""
+        try:
+            whole = await self.deps.containers.output(container)
+        except Exception as exc:
+            self.log.warning("could not read the rest of the output: %s", explain(exc))
+            whole = b""
+        if len(whole) > seen:
+            await pump.put(whole[seen:])
+        await pump.put(None)
 
     async def _kill_reason(self, container: Container, exit_code: int | None) -> str | None:
         """Why a container we did not stop died, when the engine can tell: the kernel's

@@ -1,8 +1,8 @@
 """Applies the daemons' job events to the job state machine, idempotently.
 
 An event counts only for the job's current attempt on the provider it was sent to; a
-redelivered or stale event changes nothing. Whatever the job's state, a finished
-event frees the attempt's GPUs: a job the platform asked to stop (cancelled, or past its
+redelivered or stale event changes nothing. Whatever the job's state, an exited or
+finished event frees the attempt's GPUs: a job the platform asked to stop (cancelled, or past its
 time limit) keeps them until its daemon says the container stopped, and no late event
 brings such a job back.
 """
@@ -94,6 +94,10 @@ async def apply_event(
         job.started_at = event.at
         job.started_seen_at = seen_at
         effect.new_status = job.status
+    elif event.type == "exited":
+        # The container is gone: its GPUs may take the next job while the daemon uploads
+        # the results; the job ends with `finished`.
+        effect.gpus_freed = await capacity.release(session, job.id) > 0
     elif event.type in ("finished", "rejected"):
         effect.gpus_freed = await capacity.release(session, job.id) > 0
         if job.finished_at is None or job.status in states.ACTIVE:

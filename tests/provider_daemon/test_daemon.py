@@ -42,7 +42,7 @@ class TestJobRuns:
         await running.send(task)
 
         finished = await running.finished(task.job_id)
-        assert running.types_of(task.job_id) == ["accepted", "started", "finished"]
+        assert running.types_of(task.job_id) == ["accepted", "started", "exited", "finished"]
         assert (finished.outcome, finished.exit_code) == ("exited", 0)
         assert finished.provider_id == running.provider_id
 
@@ -79,7 +79,7 @@ class TestJobRuns:
         finished = await running.finished(task.job_id)
         assert (finished.outcome, finished.exit_code) == ("exited", 3)
         assert finished.log_tail == "about to fail\noops"
-        assert running.types_of(task.job_id) == ["accepted", "started", "finished"]
+        assert running.types_of(task.job_id) == ["accepted", "started", "exited", "finished"]
 
     async def test_command_that_does_not_exist_is_the_users_error(
         self, start_daemon: StartDaemon
@@ -109,7 +109,7 @@ class TestJobRuns:
         await running.send(TaskCancel(job_id=task.job_id, attempt=task.attempt))
         finished = await running.finished(task.job_id, within=20)
         assert finished.outcome == "cancelled"
-        assert running.types_of(task.job_id) == ["accepted", "started", "finished"]
+        assert running.types_of(task.job_id) == ["accepted", "started", "exited", "finished"]
 
     async def test_cancel_before_the_task_arrives(self, start_daemon: StartDaemon) -> None:
         """The platform frees the GPUs of a task that never reached the machine only when
@@ -135,7 +135,7 @@ class TestJobRuns:
         await running.send(task)
         await running.all_tasks_handled()
         await asyncio.sleep(0.5)
-        assert running.types_of(task.job_id) == ["accepted", "started", "finished"]
+        assert running.types_of(task.job_id) == ["accepted", "started", "exited", "finished"]
         assert running.log_lines(task.job_id).count("once") == 1
 
     async def test_missing_image_is_an_infrastructure_failure(

@@ -182,6 +182,26 @@ class TestApplyEvent:
         assert job.status == states.CANCELLED and job.finished_at is not None
         assert await free_gpus(db) == 1
 
+    async def test_gpus_are_free_once_the_container_exits(self, db: async_sessionmaker) -> None:
+        job_id, provider_id = await placed_job(db)
+        await apply(db, event(job_id, provider_id, "started"))
+        assert await free_gpus(db) == 0
+        effect = await apply(db, event(job_id, provider_id, "exited", exit_code=0))
+        assert effect.gpus_freed and await free_gpus(db) == 1
+        # The job runs on (its results are uploading) until finished, which frees nothing
+        # more: the GPU may already be another job's.
+        assert (await load(db, job_id)).status == states.RUNNING
+        async with db.begin() as session:
+            await submit(session)
+        [next_job] = (await place(db)).placements
+        assert next_job.provider_id == provider_id
+        effect = await apply(
+            db, event(job_id, provider_id, "finished", exit_code=0, outcome="exited")
+        )
+        assert not effect.gpus_freed
+        assert (await load(db, job_id)).status == states.SUCCEEDED
+        assert await free_gpus(db) == 0
+
     async def test_late_events_do_not_revive_a_cancelled_job(self, db: async_sessionmaker) -> None:
         job_id, provider_id = await placed_job(db)
         async with db.begin() as session:

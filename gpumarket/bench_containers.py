@@ -440,9 +440,10 @@ def placement_passes(metrics_url: str) -> tuple[float, float]:
 def platform_phases(jobs: list[JobOut], concurrency: int) -> Phases:
     """Per-job phases from the job records (one machine, one clock).
 
-    `finished_to_next_assigned` is how long a GPU stays idle between two jobs: the k-th
-    assignment against the (k - concurrency)-th finish, while jobs wait in the queue
-    (the scheduler applying `finished`, freeing the GPU, a placement pass, the task out).
+    `finished_to_next_assigned`: the k-th assignment against the (k - concurrency)-th
+    finish, while jobs wait in the queue. GPUs are freed when a container exits, before
+    its results are uploaded and the job finished, so this is negative when the next job
+    got the GPU while the last one still uploaded (the usual case).
     """
     assigned = sorted(j.assigned_at for j in jobs if j.assigned_at)
     finished = sorted(j.finished_at for j in jobs if j.finished_at)

@@ -46,7 +46,10 @@ def test_every_job_runs_on_both_sides() -> None:
     assert figures["scheduler_passes"] >= 1
 
     phases = figures["platform_phases_p50_s"]
-    assert all(value is not None and value >= 0 for value in phases.values()), phases
+    # A GPU goes to the next job when a container exits, before that job has finished.
+    overlapping = {"finished_to_next_assigned"}
+    assert all(v is not None for v in phases.values()), phases
+    assert all(v >= 0 for k, v in phases.items() if k not in overlapping), phases
     assert phases["started_to_finished"] > 0
     assert phases["assigned_to_finished"] >= phases["assigned_to_started"]
     # The daemon's log still marks every step it is timed by.

@@ -285,6 +285,10 @@ class TestRetention:
         while exists(storage, "outputs", out) or exists(storage, "logs", log_key):
             assert time.monotonic() < deadline, "the sweeper never deleted the outputs"
             await asyncio.sleep(0.25)
+        # The objects go first, then their records are marked deleted.
+        while (await usage(storage, me))["used_bytes"] != 0:
+            assert time.monotonic() < deadline, "the sweeper never marked its deletes"
+            await asyncio.sleep(0.25)
         assert not exists(storage, "inputs", f"{me}/{record['file_id']}")
         assert (await storage.http.get(f"/internal/files/{record['file_id']}")).status_code == 404
         assert (await usage(storage, me))["used_bytes"] == 0

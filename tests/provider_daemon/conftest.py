@@ -34,7 +34,9 @@ from provider_daemon.gpus import SimulatedGpus
 from provider_daemon.policy import ContainerPolicy
 
 
-class _Server(uvicorn.Server):
+class QuietServer(uvicorn.Server):
+    """uvicorn in the test's event loop, leaving signals to pytest."""
+
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         yield
@@ -164,7 +166,7 @@ async def gateway(nats_server: Any) -> AsyncIterator[FakeGateway]:
     fake = FakeGateway(nats_url=nats_server.url)
     port = free_port()
     fake.url = f"http://127.0.0.1:{port}"
-    server = _Server(
+    server = QuietServer(
         uvicorn.Config(fake.app(), host="127.0.0.1", port=port, log_config=None, lifespan="off")
     )
     serving = asyncio.create_task(server.serve())

@@ -2,12 +2,11 @@
 API and for object storage: input checksums, and big outputs sent in parts."""
 
 import asyncio
-import contextlib
 import hashlib
 import os
 import re
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,15 +25,9 @@ from provider_daemon.agent_api import AgentApi
 from provider_daemon.errors import InfrastructureError
 from provider_daemon.transfers import fetch_inputs, part_ranges, upload_results
 from provider_daemon.workspace import JobDir, create_job_dir
-from tests.provider_daemon.conftest import until
+from tests.provider_daemon.conftest import QuietServer, until
 
 CREDENTIAL = "gpma_test"
-
-
-class _Server(uvicorn.Server):
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
 
 
 @dataclass
@@ -169,7 +162,7 @@ async def storage() -> AsyncIterator[Storage]:
     fake = Storage()
     port = free_port()
     fake.url = f"http://127.0.0.1:{port}"
-    server = _Server(
+    server = QuietServer(
         uvicorn.Config(fake.app(), host="127.0.0.1", port=port, log_config=None, lifespan="off")
     )
     serving = asyncio.create_task(server.serve())

@@ -1,5 +1,6 @@
 """Input types shared by the services' HTTP schemas."""
 
+import re
 from decimal import Decimal
 from typing import Annotated
 
@@ -14,6 +15,18 @@ def _no_nul(value: str) -> str:
 
 
 SafeStr = Annotated[str, AfterValidator(_no_nul)]
+
+_HEX_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def _sha256(value: str) -> str:
+    if not _HEX_SHA256.fullmatch(value):
+        raise ValueError("must be the SHA-256 of the bytes as 64 lowercase hex characters")
+    return value
+
+
+# A sha256 as hex, the way sha256sum prints it.
+Sha256 = Annotated[str, AfterValidator(_sha256)]
 
 # Fits the numeric(12, 6) price columns.
 Price = Annotated[

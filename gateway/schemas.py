@@ -6,10 +6,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from billing.schemas import Amount
 from common.messages import OutputFile
-from common.types import SafeStr
+from common.types import SafeStr, Sha256
 from provider_registry.schemas import MachineSpec, ProviderOut
 from scheduler.schemas import JobOut, JobSpec, relative_path
-from storage_service.schemas import Sha256, UploadedPart
+from storage_service.schemas import UploadedPart
 
 MAX_ARRAY_JOBS = 1000
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from common.messages import LogBatch
+from common.sizes import binary_size
 from provider_daemon import metrics
 
 log = logging.getLogger(__name__)
@@ -54,13 +55,6 @@ class LogLimits:
             value = getattr(self, f.name)
             if not value > 0:
                 raise ValueError(f"log limit {f.name} must be positive, not {value}")
-
-
-def _size(n: float) -> str:
-    for unit, scale in (("GiB", 1024 * MIB), ("MiB", MIB), ("KiB", KIB)):
-        if n >= scale:
-            return f"{n / scale:,.4g} {unit}"
-    return f"{n:,.0f} bytes"
 
 
 def _clean(line: str) -> str:
@@ -204,7 +198,7 @@ class _LiveGate:
         if self.sent_lines >= limits.live_max_lines:
             cap = f"{limits.live_max_lines:,} lines"
         else:
-            cap = _size(limits.live_max_bytes)
+            cap = binary_size(limits.live_max_bytes)
         rest = "the stored log is full too" if file_full else "the stored log has the rest"
         return f"[gpumarket: live log stopped at its cap of {cap} per job; {rest}]"
 
@@ -308,7 +302,7 @@ class LogPump:
         self.file_lines += part.count(b"\n")
         self.file_dropped_lines += chunk.count(b"\n") - part.count(b"\n")
         ends_line = part.endswith(b"\n") if part else self._file_ends_line
-        cap = _size(self.limits.file_max_bytes)
+        cap = binary_size(self.limits.file_max_bytes)
         marker = FILE_CAP_MARKER.format(cap=cap).encode()
         f.write((b"" if ends_line else b"\n") + marker)
         self._file_full = True

@@ -59,7 +59,7 @@ def save_task(job: JobDir, task: TaskAssignment) -> None:
 
 
 def saved_task(job: JobDir) -> TaskAssignment | None:
-    """The assignment create_job_dir saved, if it is there and readable."""
+    """The assignment save_task kept, if it is there and readable."""
     try:
         return TaskAssignment.model_validate_json(job.task_file.read_bytes())
     except (OSError, ValueError):

@@ -7,6 +7,7 @@ from sqlalchemy import func, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from common.errors import Forbidden
+from common.sizes import binary_size
 from storage_service.models import File, StoredObject
 from storage_service.schemas import Usage
 from storage_service.settings import StorageSettings
@@ -72,18 +73,8 @@ async def usage(session: AsyncSession, settings: StorageSettings, owner_id: str)
     )
 
 
-def human(size: int) -> str:
-    """1536 -> '1.5 KiB': sizes in messages people read (bodies carry exact bytes)."""
-    value = float(size)
-    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{size} bytes" if unit == "bytes" else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
-
-
 def describe(used: Usage) -> str:
-    return f"{human(used.used_bytes)} used of a {human(used.quota_bytes)} quota"
+    return f"{binary_size(used.used_bytes)} used of a {binary_size(used.quota_bytes)} quota"
 
 
 def over_quota(used: Usage) -> QuotaExceeded | None:
@@ -106,7 +97,7 @@ async def check_room(
     used = await usage(session, settings, owner_id)
     if used.used_bytes + size > used.quota_bytes:
         raise QuotaExceeded(
-            f"storage quota exceeded: {describe(used)}, and this file is {human(size)}. "
+            f"storage quota exceeded: {describe(used)}, and this file is {binary_size(size)}. "
             "Delete files (DELETE /v1/files/{id}) or wait for old outputs to expire",
             used,
             size,

@@ -1,22 +1,10 @@
-import re
 from datetime import datetime
-from typing import Annotated, Literal
+from typing import Literal
 
-from pydantic import AfterValidator, BaseModel, Field
+from pydantic import BaseModel, Field
 
-from common.types import SafeStr
+from common.types import SafeStr, Sha256
 
-_HEX_SHA256 = re.compile(r"[0-9a-f]{64}")
-
-
-def _sha256(value: str) -> str:
-    if not _HEX_SHA256.fullmatch(value):
-        raise ValueError("must be the SHA-256 of the bytes as 64 lowercase hex characters")
-    return value
-
-
-# A sha256 as hex, the way sha256sum prints it.
-Sha256 = Annotated[str, AfterValidator(_sha256)]
 UploadBucket = Literal["outputs", "logs"]
 
 

@@ -42,6 +42,22 @@ class QuietServer(uvicorn.Server):
         yield
 
 
+@contextlib.asynccontextmanager
+async def serving(app: Starlette, what: str) -> AsyncIterator[str]:
+    """Serves `app` on a free loopback port in this event loop; yields its URL."""
+    port = free_port()
+    server = QuietServer(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, lifespan="off")
+    )
+    task = asyncio.create_task(server.serve())
+    await until(lambda: server.started, 10, what)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await task
+
+
 @dataclass
 class FakeGateway:
     """What the gateway and the object store do for a daemon, recorded for assertions."""
@@ -164,16 +180,9 @@ class FakeGateway:
 @pytest.fixture(scope="session")
 async def gateway(nats_server: Any) -> AsyncIterator[FakeGateway]:
     fake = FakeGateway(nats_url=nats_server.url)
-    port = free_port()
-    fake.url = f"http://127.0.0.1:{port}"
-    server = QuietServer(
-        uvicorn.Config(fake.app(), host="127.0.0.1", port=port, log_config=None, lifespan="off")
-    )
-    serving = asyncio.create_task(server.serve())
-    await until(lambda: server.started, 10, "the fake gateway")
-    yield fake
-    server.should_exit = True
-    await serving
+    async with serving(fake.app(), "the fake gateway") as url:
+        fake.url = url
+        yield fake
 
 
 @pytest.fixture(scope="session")

@@ -162,7 +162,7 @@ def http_server_on_all_addresses() -> Iterator[int]:
             self.wfile.write(b"reached-the-host")
 
         def log_message(self, *args: object) -> None:
-            pass
+            """Quiet: the test reads the job's answer, not the server's log."""
 
     server = ThreadingHTTPServer(("0.0.0.0", 0), Hello)
     thread = threading.Thread(target=server.serve_forever, daemon=True)

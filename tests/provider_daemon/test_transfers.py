@@ -12,20 +12,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from common.messages import TaskAssignment, TaskInput
-from gpumarket.localstack.process import free_port
 from provider_daemon import transfers
 from provider_daemon.agent_api import AgentApi
 from provider_daemon.errors import InfrastructureError
 from provider_daemon.transfers import fetch_inputs, part_ranges, upload_results
 from provider_daemon.workspace import JobDir, create_job_dir
-from tests.provider_daemon.conftest import QuietServer, until
+from tests.provider_daemon.conftest import serving
 
 CREDENTIAL = "gpma_test"
 
@@ -160,16 +158,9 @@ class Storage:
 @pytest.fixture
 async def storage() -> AsyncIterator[Storage]:
     fake = Storage()
-    port = free_port()
-    fake.url = f"http://127.0.0.1:{port}"
-    server = QuietServer(
-        uvicorn.Config(fake.app(), host="127.0.0.1", port=port, log_config=None, lifespan="off")
-    )
-    serving = asyncio.create_task(server.serve())
-    await until(lambda: server.started, 10, "the test server")
-    yield fake
-    server.should_exit = True
-    await serving
+    async with serving(fake.app(), "the test server") as url:
+        fake.url = url
+        yield fake
 
 
 @pytest.fixture

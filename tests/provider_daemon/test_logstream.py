@@ -222,7 +222,7 @@ class TestLogLimits:
             await pump.put(numbered(first, min(first + 7, 300)))
         await pump.put(None)
         await running
-        marker = b"[gpumarket: the stored log stops here, at its cap of 1,000 bytes per job]\n"
+        marker = b"[gpumarket: the stored log stops here, at its cap of 1000 bytes per job]\n"
         # Whole lines (11 bytes each) up to the cap, then the marker.
         assert (tmp_path / "job.log").read_bytes() == numbered(0, 90) + marker
         # Everything was still read: the live stream and the tail have it all.

@@ -1,6 +1,9 @@
 """The declarative base shared by every service's tables, and the engine factory."""
 
-from sqlalchemy import MetaData
+from prometheus_client import Counter
+from sqlalchemy import MetaData, event
+from sqlalchemy.engine import Dialect, ExceptionContext
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase
 
@@ -18,8 +21,38 @@ class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
 
 
+DB_ERRORS = Counter("gpumarket_db_errors_total", "Errors the database driver raised", ["kind"])
+DB_ERROR_KINDS = ("connection", "integrity", "other")
+for _kind in DB_ERROR_KINDS:
+    DB_ERRORS.labels(_kind)
+
+
+def _count_error(context: ExceptionContext) -> None:
+    if context.is_disconnect or context.connection is None:
+        kind = "connection"
+    elif isinstance(context.sqlalchemy_exception, IntegrityError):
+        kind = "integrity"
+    else:
+        kind = "other"
+    DB_ERRORS.labels(kind).inc()
+
+
+def _connect_counting_refusals(dialect: Dialect, _: object, cargs: tuple, cparams: dict) -> object:
+    # A refused or timed-out connect is an OSError, which never reaches handle_error.
+    try:
+        return dialect.connect(*cargs, **cparams)
+    except dialect.loaded_dbapi.Error:
+        raise  # counted by handle_error
+    except Exception:
+        DB_ERRORS.labels("connection").inc()
+        raise
+
+
 def make_engine(url: str) -> AsyncEngine:
-    return create_async_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=10)
+    engine = create_async_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=10)
+    event.listen(engine.sync_engine, "handle_error", _count_error)
+    event.listen(engine.sync_engine, "do_connect", _connect_counting_refusals)
+    return engine
 
 
 def make_sessionmaker(engine: AsyncEngine) -> async_sessionmaker:

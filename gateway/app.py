@@ -1,10 +1,10 @@
 """ASGI entry point: uvicorn gateway.app:create_app --factory"""
 
-import nats
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from common.discovery import ServiceResolver, consul_name
+from common.nats_client import connect_nats
 from common.service_app import create_service_app, nats_connected
 from common.streams import ensure_streams
 from gateway.api import admin, agent, auth, billing, files, jobs, providers
@@ -31,7 +31,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             app.state.auth, settings.jwks_refresh_min_interval_s, settings.jwks_max_age_s
         )
         app.state.limiter = RateLimiter()
-        app.state.nc = await nats.connect(settings.nats_url, max_reconnect_attempts=-1)
+        app.state.nc = await connect_nats(settings.nats_url, "gateway")
         app.state.js = app.state.nc.jetstream()
         await ensure_streams(app.state.js)
 

@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from typing import Annotated
 from urllib.parse import urlsplit
 
-import nats
+import nats.errors
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
@@ -22,6 +22,7 @@ from pydantic import Field, TypeAdapter, ValidationError
 
 from common.aio import wait_event
 from common.messages import Heartbeat, TaskAssignment, TaskCancel
+from common.nats_client import connect_nats
 from common.subjects import TASKS_STREAM, heartbeat_subject, provider_durable, tasks_subject
 from provider_daemon import metrics
 from provider_daemon.agent_api import AgentApi
@@ -139,10 +140,9 @@ class Daemon:
         """Connects, retrying forever; None if stopped first."""
         log.info("connecting to NATS at %s", self._nats_host)
         connecting = asyncio.create_task(
-            nats.connect(
+            connect_nats(
                 self.config.nats_url,
-                name=f"provider-daemon {self.config.provider_id}",
-                max_reconnect_attempts=-1,
+                f"provider-daemon {self.config.provider_id}",
                 reconnect_time_wait=self.tuning.reconnect_wait_s,
                 disconnected_cb=self._on_disconnected,
                 reconnected_cb=self._on_reconnected,

@@ -2,10 +2,10 @@
 
 import asyncio
 
-import nats
 from fastapi import Depends, FastAPI
 
 from common.http import internal_auth_dependency
+from common.nats_client import connect_nats
 from common.service_app import create_service_app, nats_connected
 from common.streams import ensure_streams
 from provider_registry.api import internal
@@ -18,9 +18,9 @@ def create_app(settings: RegistrySettings | None = None) -> FastAPI:
 
     async def startup(app: FastAPI) -> None:
         ingest = HeartbeatIngest(app.state.sessionmaker, settings)
-        app.state.nc = await nats.connect(
+        app.state.nc = await connect_nats(
             settings.nats_url,
-            max_reconnect_attempts=-1,
+            "provider_registry",
             disconnected_cb=ingest.on_disconnected,
             reconnected_cb=ingest.on_reconnected,
         )

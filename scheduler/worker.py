@@ -14,15 +14,12 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-import nats
 import uvicorn
 from fastapi import FastAPI
 from nats.aio.client import Client as NATS
 from nats.errors import NotJSMessageError
 from nats.js import JetStreamContext
-from prometheus_client import Counter, Gauge, Histogram
 from pydantic import ValidationError
-from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from billing.metrics import count_charges
@@ -33,34 +30,33 @@ from common.embedded_server import EmbeddedServer
 from common.http import install_common
 from common.logging import configure_logging
 from common.messages import JobEvent, ProviderLost, TaskCancel
+from common.nats_client import connect_nats
 from common.service_app import register_in_consul
 from common.streams import ensure_streams
 from scheduler import lifecycle, placement, settling, states
 from scheduler.events import apply_events
 from scheduler.fleet_index import FleetIndex, Weights
-from scheduler.models import Job
+from scheduler.metrics import (
+    EVENTS,
+    FLEET_MACHINES,
+    PASS_SECONDS,
+    PLACEMENTS,
+    PROVIDER_LOSSES,
+    RACES,
+    RETRIES,
+    RUN_SECONDS,
+    TAKEN_BACK,
+    TRANSITIONS,
+    WAIT_SECONDS,
+    observe_unfinished,
+)
 from scheduler.retries import RetryPolicy, Stopped
 from scheduler.settings import SchedulerSettings
 
 log = logging.getLogger("scheduler")
 
-PLACEMENTS = Counter("scheduler_placements_total", "Jobs assigned to a provider")
-PASS_SECONDS = Histogram("scheduler_placement_pass_seconds", "Duration of a placement pass")
-QUEUE_DEPTH = Gauge("scheduler_queue_depth", "Jobs queued, at the last lifecycle sweep")
-FLEET_MACHINES = Gauge("scheduler_fleet_machines", "Machines in this replica's fleet view")
-RACES = Counter(
-    "scheduler_reservation_races_total", "Decisions that lost their GPUs to another replica"
-)
-EVENTS = Counter("scheduler_events_total", "Job events applied", ["type"])
 # Events applied per transaction, at most.
 FETCH_BATCH = 128
-TRANSITIONS = Counter("scheduler_job_transitions_total", "Job state changes", ["status"])
-TAKEN_BACK = Counter(
-    "scheduler_attempts_taken_back_total",
-    "Attempts taken back from their provider",
-    ["reason"],
-)
-PROVIDER_LOSSES = Counter("scheduler_provider_losses_total", "provider.lost events handled")
 
 
 @dataclass(frozen=True)
@@ -191,6 +187,11 @@ class Scheduler:
             EVENTS.labels(event.type).inc()
             if effect.requeued:
                 TAKEN_BACK.labels("task failed").inc()
+                RETRIES.labels(effect.retry_reason or "infrastructure").inc()
+            if effect.waited_s is not None:
+                WAIT_SECONDS.observe(effect.waited_s)
+            if effect.ran is not None:
+                RUN_SECONDS.labels(effect.ran[0]).observe(effect.ran[1])
             if effect.new_status:
                 TRANSITIONS.labels(effect.new_status).inc()
                 log.info(
@@ -216,6 +217,7 @@ class Scheduler:
             stopped = await lifecycle.on_provider_lost(session, lost, self.policy, self.settings)
         PROVIDER_LOSSES.inc()
         TAKEN_BACK.labels("provider lost").inc(len(stopped))
+        RETRIES.labels("provider_lost").inc(sum(s.requeued for s in stopped))
         log.warning(
             "provider lost",
             extra={"provider_id": lost.provider_id, "jobs": [s.job_id for s in stopped]},
@@ -264,13 +266,9 @@ class Scheduler:
         )
         async with self.sessionmaker() as session:
             unconfirmed = await lifecycle.unconfirmed_stops(session, now, settings.stop_resend_s)
-            QUEUE_DEPTH.set(
-                await session.scalar(
-                    select(func.count()).select_from(Job).where(Job.status == states.QUEUED)
-                )
-                or 0
-            )
+            await observe_unfinished(session)
         TAKEN_BACK.labels("not accepted").inc(len(unaccepted))
+        RETRIES.labels("not_accepted").inc(sum(s.requeued for s in unaccepted))
         TRANSITIONS.labels(states.TIMED_OUT).inc(len(overdue))
         await self._stop_at_providers(unaccepted, "unaccepted")
         await self._stop_at_providers(overdue, "overdue")
@@ -358,9 +356,9 @@ async def run(settings: SchedulerSettings) -> None:
     configure_logging("scheduler", settings.log_level)
     engine = make_engine(settings.database_url)
     sessionmaker = make_sessionmaker(engine)
-    nc = await nats.connect(
+    nc = await connect_nats(
         settings.nats_url,
-        max_reconnect_attempts=-1,
+        "scheduler",
         disconnected_cb=_on_disconnected,
         reconnected_cb=_on_reconnected,
     )

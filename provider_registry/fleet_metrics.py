@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import REGISTRY, Collector
-from sqlalchemy import func, select
+from sqlalchemy import case, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from provider_registry.models import DRAINING, LEFT, OFFLINE, ONLINE, Gpu, Provider
@@ -24,8 +24,13 @@ GPU_GAUGES = (
     ("gpumarket_gpu_power_watts", "GPU power draw, watts", "power_w"),
     ("gpumarket_gpu_healthy", "1 if the GPU may take work, 0 if not", "healthy"),
     ("gpumarket_gpu_busy", "1 if a job holds the GPU", "busy"),
+    ("gpumarket_gpu_price_per_hour", "The price asked per GPU-hour, in credits", "price_per_hour"),
 )
 GPU_LABELS = ["provider_id", "gpu_uuid", "model"]
+# A GPU's state for gpumarket_gpus: on a live machine free, busy or unhealthy; else its
+# machine's state. GPUs of machines that left are not counted.
+FREE, BUSY, UNHEALTHY = "free", "busy", "unhealthy"
+GPU_STATES = (FREE, BUSY, UNHEALTHY, DRAINING, OFFLINE)
 
 
 @dataclass
@@ -39,12 +44,14 @@ class GpuSample:
     power_w: float | None
     healthy: float
     busy: float
+    price_per_hour: float
 
 
 @dataclass
 class FleetSnapshot:
     providers_by_state: dict[str, int] = field(default_factory=dict)
-    gpus_by_state: dict[str, int] = field(default_factory=dict)
+    # (model, GPU state) -> count
+    gpus_by_state: dict[tuple[str, str], int] = field(default_factory=dict)
     gpus: list[GpuSample] = field(default_factory=list)
 
 
@@ -54,10 +61,19 @@ async def read_snapshot(session: AsyncSession) -> FleetSnapshot:
         select(Provider.state, func.count()).group_by(Provider.state)
     ):
         snapshot.providers_by_state[state] = count
-    for state, count in await session.execute(
-        select(Provider.state, func.count()).join(Gpu).group_by(Provider.state)
+    gpu_state = case(
+        (Provider.state != ONLINE, Provider.state),
+        (Gpu.reserved_job_id.is_not(None), BUSY),
+        (Gpu.healthy.is_(False), UNHEALTHY),
+        else_=FREE,
+    )
+    for model, state, count in await session.execute(
+        select(Gpu.model, gpu_state, func.count())
+        .join(Provider)
+        .where(Provider.state != LEFT)
+        .group_by(Gpu.model, gpu_state)
     ):
-        snapshot.gpus_by_state[state] = count
+        snapshot.gpus_by_state[model, state] = count
     # Only live machines: an offline one's last reading would pose as current.
     rows = await session.execute(
         select(
@@ -70,6 +86,7 @@ async def read_snapshot(session: AsyncSession) -> FleetSnapshot:
             Gpu.power_w,
             Gpu.healthy,
             Gpu.reserved_job_id.is_not(None),
+            Gpu.price_per_hour,
         )
         .join(Provider)
         .where(Provider.state.in_([ONLINE, DRAINING]))
@@ -85,8 +102,9 @@ async def read_snapshot(session: AsyncSession) -> FleetSnapshot:
             power_w=power,
             healthy=1.0 if healthy else 0.0,
             busy=1.0 if busy else 0.0,
+            price_per_hour=float(price),
         )
-        for pid, uuid, model, util, mem, temp, power, healthy, busy in rows
+        for pid, uuid, model, util, mem, temp, power, healthy, busy, price in rows
     ]
     return snapshot
 
@@ -99,11 +117,17 @@ class FleetCollector(Collector):
         snapshot = self.snapshot
         providers = GaugeMetricFamily("gpumarket_providers", "Providers by state", labels=["state"])
         gpus = GaugeMetricFamily(
-            "gpumarket_gpus", "GPUs by their provider's state", labels=["state"]
+            "gpumarket_gpus",
+            "GPUs by model and state (free, busy, unhealthy; else their machine's state)",
+            labels=["model", "state"],
         )
         for state in STATES:
             providers.add_metric([state], snapshot.providers_by_state.get(state, 0))
-            gpus.add_metric([state], snapshot.gpus_by_state.get(state, 0))
+        # Every state of every model seen, zeros included, so a model's free GPUs
+        # read 0 rather than vanish when the last one is taken.
+        for model in sorted({model for model, _ in snapshot.gpus_by_state}):
+            for state in GPU_STATES:
+                gpus.add_metric([model, state], snapshot.gpus_by_state.get((model, state), 0))
         yield providers
         yield gpus
         for name, doc, attr in GPU_GAUGES:

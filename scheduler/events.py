@@ -32,6 +32,11 @@ class Effect:
 
     gpus_freed: bool = False
     requeued: bool = False
+    # For the metrics: why the attempt was sent back, how long the job waited to run
+    # and how long it ran (with the state it ended in).
+    retry_reason: str | None = None
+    waited_s: float | None = None
+    ran: tuple[str, float] | None = None
     new_status: str | None = None
     # For settlement, in the same transaction: the job the event was for, and its
     # attempt when the event ended it.
@@ -94,6 +99,7 @@ async def apply_event(
         job.started_at = event.at
         job.started_seen_at = seen_at
         effect.new_status = job.status
+        effect.waited_s = max(0.0, ((seen_at or event.at) - job.created_at).total_seconds())
     elif event.type == "exited":
         # The container is gone: its GPUs may take the next job while the daemon uploads
         # the results; the job ends with `finished`.
@@ -139,6 +145,7 @@ async def _finish(
     if job.status not in states.ACTIVE:
         # The platform already ended it (cancel, time limit): the container has stopped.
         job.finished_at = event.at
+        effect.ran = _run_time(job.status, job.started_at, event)
         return
     infrastructure = _infrastructure(event)
     # Once per attempt: a replayed event is stale by now (attempt moved on or job ended).
@@ -146,8 +153,10 @@ async def _finish(
     retry_reason = None
     if infrastructure:
         retry_reason = f"infrastructure fault: {event.reason}"
+        effect.retry_reason = "infrastructure"
     elif event.outcome == "exited" and event.exit_code in (job.retry_on_exit_codes or []):
         retry_reason = f"exit code {event.exit_code} is in retry_on_exit_codes"
+        effect.retry_reason = "exit_code"
     if retry_reason is not None and job.attempt < job.retries:
         # Not the user's fault (or the user asked): run it again, elsewhere if the
         # machine was at fault.
@@ -164,7 +173,17 @@ async def _finish(
         job.status = _outcome_status(event)
         job.finished_at = event.at if job.started_at else func.now()
         job.failure_reason = _failure_reason(event, job.status)
+        effect.ran = _run_time(job.status, job.started_at, event)
     effect.new_status = job.status
+
+
+def _run_time(
+    status: str, started_at: datetime | None, event: JobEvent
+) -> tuple[str, float] | None:
+    if started_at is None:
+        return None
+    ended_at = event.ended_at or event.at
+    return status, max(0.0, (ended_at - started_at).total_seconds())
 
 
 def _failure_reason(event: JobEvent, status: str) -> str | None:

@@ -46,9 +46,9 @@ async def take_back(
         return None
     # The machine's fault: recorded for the bill, charged nothing.
     ended = settling.ended_attempt(job, ended_seen_at=None, chargeable=False, reason=reason)
-    stopped = Stopped(job.id, job.attempt, provider_id, ended)
+    attempt, requeued = job.attempt, False
     if job.status in states.ACTIVE:
-        await requeue_or_fail(
+        requeued = await requeue_or_fail(
             session,
             job,
             reason,
@@ -60,6 +60,7 @@ async def take_back(
         # Cancelled or timed out while its daemon was unreachable: the stop is final.
         await capacity.release(session, job.id)
         job.finished_at = func.now()
+    stopped = Stopped(job.id, attempt, provider_id, ended, requeued)
     log.warning(
         "attempt taken back from its provider",
         extra={

@@ -39,6 +39,8 @@ class Stopped:
     provider_id: str
     # The attempt for settlement, when it ended here (not billed: not the user's fault).
     ended: EndedAttempt | None = field(default=None, compare=False)
+    # Whether the job went back to the queue for another attempt (not ended).
+    requeued: bool = field(default=False, compare=False)
 
 
 def unplace(job: Job) -> None:

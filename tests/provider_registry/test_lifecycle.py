@@ -196,7 +196,8 @@ class TestFleetMetrics:
         async with db() as session:
             snapshot = await fleet_metrics.read_snapshot(session)
         assert snapshot.providers_by_state == {ONLINE: 1, OFFLINE: 1}
-        assert snapshot.gpus_by_state == {ONLINE: 2, OFFLINE: 1}
+        model = live.gpus[0].model
+        assert snapshot.gpus_by_state == {(model, "free"): 2, (model, OFFLINE): 1}
         assert len(snapshot.gpus) == 2
         collector = fleet_metrics.FleetCollector()
         collector.snapshot = snapshot
@@ -210,5 +211,11 @@ class TestFleetMetrics:
         assert samples[("gpumarket_gpu_memory_used_bytes", uuid, None)] == 1024 * 2**20
         assert samples[("gpumarket_gpu_power_watts", uuid, None)] == 300.5
         assert samples[("gpumarket_providers", None, OFFLINE)] == 1
+        assert samples[("gpumarket_gpus", None, "free")] == 2
+        assert samples[("gpumarket_gpus", None, "busy")] == 0
+        assert samples[("gpumarket_gpus", None, OFFLINE)] == 1
+        assert samples[("gpumarket_gpu_price_per_hour", uuid, None)] == float(
+            live.gpus[0].price_per_hour
+        )
         # No reading yet for the second GPU: no sample rather than a made-up zero.
         assert ("gpumarket_gpu_utilization_percent", live.gpus[1].uuid, None) not in samples

@@ -1,14 +1,15 @@
 """The job state machine on a real PostgreSQL: replays change nothing twice."""
 
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
+import pytest
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from common.messages import JobEvent, OutputFile
 from provider_registry.models import Gpu
-from scheduler import job_store, states
+from scheduler import job_store, metrics, states
 from scheduler.events import apply_event
 from scheduler.models import JobOutput
 from scheduler.retries import RetryPolicy
@@ -213,3 +214,72 @@ class TestApplyEvent:
         job = await load(db, job_id)
         assert job.status == states.CANCELLED and job.finished_at is not None
         assert await free_gpus(db) == 1
+
+
+class TestWhatTheMetricsAreTold:
+    async def test_wait_and_run_time(self, db: async_sessionmaker) -> None:
+        job_id, provider_id = await placed_job(db)
+        started = await apply(db, event(job_id, provider_id, "started"))
+        assert started.waited_s is not None and 0 <= started.waited_s < 60
+        began = datetime.now(UTC)
+        ended = await apply(
+            db,
+            event(
+                job_id,
+                provider_id,
+                "finished",
+                exit_code=0,
+                outcome="exited",
+                started_at=began,
+                ended_at=began + timedelta(seconds=42),
+            ),
+        )
+        assert ended.ran is not None
+        state, seconds = ended.ran
+        job = await load(db, job_id)
+        assert state == states.SUCCEEDED
+        expected = began + timedelta(seconds=42) - job.started_at
+        assert seconds == pytest.approx(expected.total_seconds())
+
+    async def test_a_cancelled_job_reports_how_long_it_ran(self, db: async_sessionmaker) -> None:
+        job_id, provider_id = await placed_job(db)
+        await apply(db, event(job_id, provider_id, "started"))
+        async with db.begin() as session:
+            await job_store.request_cancel(session, job_id, None, BILLING)
+        ended = await apply(
+            db, event(job_id, provider_id, "finished", exit_code=137, outcome="cancelled")
+        )
+        assert ended.ran is not None and ended.ran[0] == states.CANCELLED
+
+    async def test_never_started_reports_no_run_time(self, db: async_sessionmaker) -> None:
+        job_id, provider_id = await placed_job(db, retries=0)
+        ended = await apply(
+            db, event(job_id, provider_id, "finished", outcome="infrastructure", reason="pull")
+        )
+        assert ended.ran is None and not ended.requeued
+
+    async def test_retry_reasons(self, db: async_sessionmaker) -> None:
+        job_id, provider_id = await placed_job(db, retries=2, retry_on_exit_codes=[75])
+        effect = await apply(
+            db, event(job_id, provider_id, "finished", exit_code=75, outcome="exited")
+        )
+        assert effect.requeued and effect.retry_reason == "exit_code"
+        [placed] = (await place(db)).placements
+        effect = await apply(
+            db, event(job_id, placed.provider_id, "rejected", attempt=1, reason="GPU busy")
+        )
+        assert effect.requeued and effect.retry_reason == "infrastructure"
+
+
+async def test_unfinished_jobs_by_state(db: async_sessionmaker) -> None:
+    job_id, provider_id = await placed_job(db)
+    await apply(db, event(job_id, provider_id, "started"))
+    async with db.begin() as session:
+        await submit(session, resources={"gpus": 2})
+        await submit(session, resources={"gpus": 3})
+    async with db() as session:
+        await metrics.observe_unfinished(session)
+    assert metrics.JOBS.labels(states.QUEUED)._value.get() == 2
+    assert metrics.JOBS.labels(states.RUNNING)._value.get() == 1
+    assert metrics.JOBS.labels(states.ASSIGNED)._value.get() == 0
+    assert metrics.QUEUED_GPUS._value.get() == 5

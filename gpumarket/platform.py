@@ -12,9 +12,11 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from subprocess import Popen
+from urllib.parse import urlsplit
 
 import httpx
 
+from common.discovery import consul_name
 from gpumarket.localstack.nats import NatsServer, start_nats
 from gpumarket.localstack.podman import PodmanService, ensure_sample_image, start_podman
 from gpumarket.localstack.postgres import PostgresServer, start_postgres
@@ -216,6 +218,27 @@ class LocalPlatform:
         proc = self.processes[-1]
         self._wait_healthy(proc)
         return proc
+
+    @property
+    def scrape_targets_path(self) -> Path:
+        return self.data_dir / "prometheus-targets.json"
+
+    def write_scrape_targets(self) -> Path:
+        """Every running part's /metrics as a Prometheus file_sd list, with `job` the name
+        it has in Consul under compose (scheduler replicas share one), so the dashboards
+        and alert rules read the local stack as they read the real one."""
+        groups = []
+        for proc in self.processes:
+            if proc.health_url is None:
+                continue
+            name = "scheduler" if proc.name.startswith("scheduler") else proc.name
+            address = urlsplit(proc.health_url).netloc
+            groups.append({"targets": [address], "labels": {"job": consul_name(name)}})
+        # Prometheus watches the file: it must never see half of it.
+        partial = self.scrape_targets_path.with_suffix(".partial")
+        partial.write_text(json.dumps(groups, indent=2))
+        partial.replace(self.scrape_targets_path)
+        return self.scrape_targets_path
 
     def stop(self) -> None:
         """Stops everything in reverse order: the daemon first, so it removes its containers."""

@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import psutil
 import pytest
 
@@ -71,6 +72,20 @@ def test_up_runs_sample_job_stops_cleanly_and_restarts_with_its_state(tmp_path: 
         assert "sample job result: succeeded exit_code=0" in text
         assert "HELLO FROM THE GPU MARKETPLACE" in text
         assert Client(f"http://127.0.0.1:{port}").http.get("/docs").status_code == 200
+        # Prometheus can scrape every part by the names they have in compose.
+        targets = json.loads((data_dir / "prometheus-targets.json").read_text())
+        jobs = {group["labels"]["job"] for group in targets}
+        assert jobs == {
+            "gateway",
+            "auth-service",
+            "storage-service",
+            "provider-registry",
+            "scheduler",
+            "provider-daemon",
+        }
+        for group in targets:
+            [address] = group["targets"]
+            assert httpx.get(f"http://{address}/metrics", follow_redirects=True).status_code == 200
     finally:
         if proc.poll() is None:
             stop(proc, data_dir)

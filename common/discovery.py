@@ -24,6 +24,8 @@ CHECK_TIMEOUT = "2s"
 # Consul drops an instance whose check stays critical this long, e.g. after a crash.
 DEREGISTER_AFTER = "1m"
 REGISTER_TIMEOUT = 5.0  # seconds per call to the agent
+# Every instance carries it: Prometheus scrapes the Consul services with this tag.
+SERVICE_TAG = "gpumarket"
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 # py-consul raises its own errors for HTTP statuses, and lets requests' through (refused, timeout).
@@ -143,6 +145,7 @@ async def register_service(name: str, port: int, address: str | None = None) -> 
             service_id=service_id,
             address=address,
             port=port,
+            tags=[SERVICE_TAG],
             check=check,
             # A restarted instance re-registers under the same id without piling up checks.
             replace_existing_checks=True,

@@ -1,17 +1,79 @@
-"""Settings base: every service reads GPUMARKET_* environment variables."""
+"""Settings base: every service reads GPUMARKET_* environment variables, then secret files.
 
-from pydantic import Field, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+A field's secret file is named like its environment variable, in lower case
+(`/run/secrets/gpumarket_internal_token`), in /run/secrets (where compose and Kubernetes
+put them) or the directory GPUMARKET_SECRETS_DIR names. Environment variables win.
+"""
+
+import os
+from pathlib import Path
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SecretsSettingsSource,
+    SettingsConfigDict,
+)
+from sqlalchemy.engine import make_url
 
 DEV_INTERNAL_TOKEN = "dev-internal-token-change-me"
+SECRETS_DIR_ENV = "GPUMARKET_SECRETS_DIR"
+DEFAULT_SECRETS_DIR = Path("/run/secrets")
 
 
-class ServiceSettings(BaseSettings):
+def secrets_dir() -> Path | None:
+    """Where secret files are read from; None when that directory doesn't exist (pydantic-
+    settings warns about a missing one, and most processes have none)."""
+    path = Path(os.environ.get(SECRETS_DIR_ENV) or DEFAULT_SECRETS_DIR)
+    return path if path.is_dir() else None
+
+
+class DatabaseSettings(BaseSettings):
+    """What every process that opens the database needs; `gpumarket migrate` and
+    `gpumarket admin` use it alone (they need no service secrets)."""
+
     model_config = SettingsConfigDict(env_prefix="GPUMARKET_", extra="ignore")
 
+    database_url: str = "postgresql+asyncpg://gpumarket@127.0.0.1:5432/gpumarket"
+    # Replaces the URL's password, so the URL can be given without it and the password
+    # come from a secret file shared with Postgres (POSTGRES_PASSWORD_FILE).
+    database_password: SecretStr | None = None
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Looked up per instance, not at import: the directory may appear later (tests).
+        directory = secrets_dir()
+        if directory is not None:
+            file_secret_settings = SecretsSettingsSource(settings_cls, secrets_dir=directory)
+        return init_settings, env_settings, dotenv_settings, file_secret_settings
+
+    @model_validator(mode="after")
+    def _apply_database_password(self) -> "DatabaseSettings":
+        if self.database_password is not None:
+            url = make_url(self.database_url).set(
+                password=self.database_password.get_secret_value()
+            )
+            self.database_url = url.render_as_string(hide_password=False)
+        return self
+
+
+def database_url_with_password(database_url: str) -> str:
+    """`database_url` with the password from GPUMARKET_DATABASE_PASSWORD or its secret file,
+    if there is one; for the CLI commands that take the URL as an option."""
+    return DatabaseSettings(database_url=database_url).database_url
+
+
+class ServiceSettings(DatabaseSettings):
     dev_mode: bool = False
     log_level: str = "INFO"
-    database_url: str = "postgresql+asyncpg://gpumarket@127.0.0.1:5432/gpumarket"
     nats_url: str = "nats://127.0.0.1:4222"
     # Guards the /internal routes that services call on each other.
     internal_token: str = DEV_INTERNAL_TOKEN

@@ -20,6 +20,7 @@ from billing import funding
 from billing.schemas import CreditAmount
 from common.db import make_engine, make_sessionmaker
 from common.errors import DomainError
+from common.settings import database_url_with_password
 from gpumarket.localstack import postgres
 
 admin_app = typer.Typer(help="Operator commands on the marketplace's database.")
@@ -38,7 +39,7 @@ def local_database_url(data_dir: Path) -> str:
 
 def _database_url(database_url: str | None, data_dir: Path | None) -> str:
     if database_url:
-        return database_url
+        return database_url_with_password(database_url)
     if data_dir is not None:
         try:
             return local_database_url(data_dir)

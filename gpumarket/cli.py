@@ -53,6 +53,7 @@ def start_everything(platform: LocalPlatform, console: Console) -> dict[str, dic
         status.update("starting the local provider daemon")
         accounts = dev_accounts(platform.data_dir)
         start_local_provider(platform, accounts["provider"])
+        platform.write_scrape_targets()
         funded = fund_dev_requester(platform, accounts["requester"])
     console.print(f"dev requester {funded['email']} has {funded['balance']} credits")
     return accounts
@@ -75,7 +76,8 @@ def up(
         console.print(
             f"[green]gpumarket ready[/] at {platform.gateway_url} "
             f"(OpenAPI at {platform.gateway_url}/docs; logs in {platform.log_dir}; "
-            f"dev accounts in {platform.data_dir / 'dev-accounts.json'})",
+            f"dev accounts in {platform.data_dir / 'dev-accounts.json'}; "
+            f"Prometheus targets in {platform.scrape_targets_path})",
             soft_wrap=True,
         )
         if sample:
@@ -95,9 +97,10 @@ def up(
 @app.command(rich_help_panel="Operators")
 def migrate(database_url: str = typer.Option(..., envvar="GPUMARKET_DATABASE_URL")) -> None:
     """Brings the database schema up to date (Alembic upgrade head)."""
+    from common.settings import database_url_with_password
     from migrations.runner import upgrade
 
-    upgrade(database_url)
+    upgrade(database_url_with_password(database_url))
     console.print("database is up to date")
 
 

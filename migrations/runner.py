@@ -11,7 +11,8 @@ HERE = Path(__file__).parent
 def alembic_config(database_url: str) -> Config:
     config = Config()
     config.set_main_option("script_location", str(HERE))
-    config.set_main_option("sqlalchemy.url", database_url)
+    # Alembic's config is a ConfigParser: a URL-encoded password's "%" must be doubled.
+    config.set_main_option("sqlalchemy.url", database_url.replace("%", "%%"))
     config.set_main_option("file_template", "%%(year)d_%%(month).2d_%%(day).2d_%%(rev)s_%%(slug)s")
     return config
 

@@ -271,6 +271,8 @@ class TestRegistration:
         assert _get(body, "ID") == "scheduler-10.1.2.3-8010"
         assert _get(body, "Address") == "10.1.2.3"
         assert _get(body, "Port") == 8010
+        # Prometheus scrapes the Consul services with this tag (deploy/prometheus).
+        assert _get(body, "Tags") == ["gpumarket"]
         [check] = _get(body, "Checks") or [_get(body, "Check")]
         assert _get(check, "HTTP") == "http://10.1.2.3:8010/healthz"
         assert _get(check, "Interval") == "5s"

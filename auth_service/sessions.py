@@ -36,6 +36,18 @@ async def start(session: AsyncSession, settings: AuthSettings, user: User) -> To
     return await _issue(session, settings, user, auth_session)
 
 
+class SessionEnded(Unauthorized):
+    """A reused refresh token ended its session. The gateway reads whose (`ended_user_id`,
+    kept from the caller) to drop its cached answers for that user's credentials."""
+
+    def __init__(self, detail: str, user_id: str) -> None:
+        super().__init__(detail, field="refresh_token")
+        self.user_id = user_id
+
+    def body(self) -> dict:
+        return {**super().body(), "ended_user_id": self.user_id}
+
+
 async def refresh(session: AsyncSession, settings: AuthSettings, refresh_token: str) -> TokenPair:
     row = await session.scalar(
         select(RefreshToken)
@@ -50,9 +62,9 @@ async def refresh(session: AsyncSession, settings: AuthSettings, refresh_token: 
         if auth_session.revoked_at is None:
             auth_session.revoked_at = datetime.now(UTC)
             auth_session.revoked_reason = "refresh token reused"
-        raise Unauthorized(
+        raise SessionEnded(
             "refresh token already used; the session was ended, log in again",
-            field="refresh_token",
+            auth_session.user_id,
         )
     if auth_session.revoked_at is not None or auth_session.expires_at <= datetime.now(UTC):
         raise Unauthorized("session ended; log in again", field="refresh_token")

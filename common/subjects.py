@@ -72,3 +72,7 @@ def msg_id(job_id: str, attempt: int, kind: str) -> str:
 # Core NATS (not persisted): a hint that free capacity may have appeared, so the
 # scheduler runs a placement pass now instead of at its next periodic one.
 CAPACITY_CHANGED = "capacity.changed"
+
+# Core NATS: a user's or a machine's credentials changed (logout, revocation, disabled
+# user); every gateway replica drops its cached answers for them (gateway/auth_cache.py).
+AUTH_CHANGED = "auth.changed"

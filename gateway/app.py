@@ -8,6 +8,7 @@ from common.nats_client import connect_nats
 from common.service_app import create_service_app, nats_connected
 from common.streams import ensure_streams
 from gateway.api import admin, agent, auth, billing, files, jobs, providers
+from gateway.auth_cache import AuthCache, listen
 from gateway.clients import ServiceClient
 from gateway.ratelimit import RateLimiter
 from gateway.security import JwksCache
@@ -31,7 +32,9 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             app.state.auth, settings.jwks_refresh_min_interval_s, settings.jwks_max_age_s
         )
         app.state.limiter = RateLimiter()
+        app.state.auth_cache = AuthCache(settings.auth_cache_ttl_s)
         app.state.nc = await connect_nats(settings.nats_url, "gateway")
+        await listen(app.state.auth_cache, app.state.nc)
         app.state.js = app.state.nc.jetstream()
         await ensure_streams(app.state.js)
 

@@ -1,9 +1,10 @@
 """Who is calling: access JWTs verified with auth_service's public keys (JWKS), API keys
 and provider credentials checked by auth_service.
 
-A signature proves who issued a token, not that it still holds: every request also asks
-auth_service whether the user, session, key or credential is still good, so disabling a
-user or revoking a key takes effect on the very next request.
+A signature proves who issued a token, not that it still holds: each request also needs
+auth_service's word that the user, session, key or credential is still good. Its answers
+are kept a few seconds (gateway/auth_cache.py); revoking through any gateway replica
+evicts them everywhere at once.
 """
 
 import time
@@ -16,6 +17,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from common.errors import Forbidden, Unauthorized
 from common.tokens import ACCESS_AUDIENCE, AGENT_PREFIX, ALGORITHM, API_KEY_PREFIX, ISSUER
+from gateway.auth_cache import AuthCache, cache_key
 from gateway.clients import ServiceClient
 
 ALGORITHMS = [ALGORITHM]
@@ -111,8 +113,14 @@ def _token(credentials: HTTPAuthorizationCredentials | None) -> str:
 
 
 async def _authenticate(request: Request, body: dict) -> dict:
-    auth: ServiceClient = request.app.state.auth
-    return await auth.request("POST", "/internal/authenticate", json=body)
+    cache: AuthCache = request.app.state.auth_cache
+    key = cache_key(body)
+    found = cache.get(key)
+    if found is None:
+        auth: ServiceClient = request.app.state.auth
+        found = await auth.request("POST", "/internal/authenticate", json=body)
+        cache.put(key, found)
+    return found
 
 
 async def current_principal(

@@ -1,3 +1,5 @@
+from pydantic import Field
+
 from billing.settings import BillingSettings
 
 
@@ -22,3 +24,6 @@ class GatewaySettings(BillingSettings):
     rate_limit_auth_per_ip: str = "20/minute"
     rate_limit_per_principal: str = "50/second;1200/minute"
     rate_limit_per_agent: str = "50/second"
+    # How long an answer of auth_service about a credential is reused (0: ask every
+    # time). Revocations through any gateway apply at once; expiries within this.
+    auth_cache_ttl_s: float = Field(default=10.0, ge=0)

@@ -8,6 +8,7 @@ from billing import funding, reports
 from billing.schemas import CreditOut, CreditRequest, TotalsOut
 from common.errors import Invalid
 from gateway.api import deps
+from gateway.auth_cache import Change
 from gateway.clients import ServiceClient, UpstreamError
 from gateway.security import require_admin
 
@@ -28,10 +29,12 @@ async def disable_user(
     user_id: str,
     auth: ServiceClient = Depends(deps.auth),
     registry: ServiceClient = Depends(deps.registry),
+    changed: deps.AuthChanged = Depends(deps.auth_changed),
 ) -> dict:
     """Ends the user's access at once: sessions, API keys and their provider daemons, whose
     machines leave the market. Safe to retry."""
     user = await auth.request("POST", f"/internal/users/{user_id}/disable")
+    await changed(Change(user_id=user["id"]))
     await registry.request("POST", f"/internal/owners/{user['id']}/suspend")
     return user
 

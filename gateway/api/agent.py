@@ -9,6 +9,7 @@ from sqlalchemy.ext.asyncio import async_sessionmaker
 from common.errors import Invalid
 from gateway import fleet, jobs
 from gateway.api import deps
+from gateway.auth_cache import Change
 from gateway.clients import ServiceClient, ServiceUnavailable
 from gateway.schemas import (
     AgentCompleteRequest,
@@ -180,7 +181,10 @@ async def leave(
     agent: Agent = Depends(current_agent),
     auth: ServiceClient = Depends(deps.auth),
     registry: ServiceClient = Depends(deps.registry),
+    changed: deps.AuthChanged = Depends(deps.auth_changed),
 ) -> dict:
     """Takes this machine off the platform for good and ends its credential; refused
     (409) while tasks still run here."""
-    return await fleet.leave(auth, registry, agent.provider_id)
+    provider = await fleet.leave(auth, registry, agent.provider_id)
+    await changed(Change(provider_id=agent.provider_id))
+    return provider

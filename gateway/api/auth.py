@@ -15,7 +15,8 @@ from auth_service.schemas import (
 )
 from common.errors import Forbidden
 from gateway.api import deps
-from gateway.clients import ServiceClient
+from gateway.auth_cache import Change
+from gateway.clients import ServiceClient, UpstreamError
 from gateway.security import Principal, current_principal, require_session
 
 router = APIRouter(tags=["auth"])
@@ -50,10 +51,20 @@ async def login(body: LoginRequest, auth: ServiceClient = Depends(deps.auth)) ->
 
 
 @router.post("/v1/auth/refresh", response_model=TokenOut, dependencies=[PerAddress])
-async def refresh(body: RefreshRequest, auth: ServiceClient = Depends(deps.auth)) -> dict:
+async def refresh(
+    body: RefreshRequest,
+    auth: ServiceClient = Depends(deps.auth),
+    changed: deps.AuthChanged = Depends(deps.auth_changed),
+) -> dict:
     """Trades a refresh token for a new pair; the old refresh token is spent. Using a spent
     one again ends the whole session (it was stolen, or copied)."""
-    return await auth.request("POST", "/internal/refresh", json=body.model_dump())
+    try:
+        return await auth.request("POST", "/internal/refresh", json=body.model_dump())
+    except UpstreamError as exc:
+        ended = exc.body().pop("ended_user_id", None)
+        if isinstance(ended, str):
+            await changed(Change(user_id=ended))
+        raise
 
 
 @router.post("/v1/auth/logout", status_code=status.HTTP_204_NO_CONTENT)
@@ -61,6 +72,7 @@ async def logout(
     body: LogoutRequest | None = None,
     principal: Principal = Depends(require_session),
     auth: ServiceClient = Depends(deps.auth),
+    changed: deps.AuthChanged = Depends(deps.auth_changed),
 ) -> Response:
     """Ends this session (its access and refresh tokens), or every session with
     `everywhere`."""
@@ -73,6 +85,7 @@ async def logout(
             "everywhere": bool(body and body.everywhere),
         },
     )
+    await changed(Change(user_id=principal.id))
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
@@ -108,9 +121,12 @@ async def revoke_api_key(
     key_id: str,
     principal: Principal = Depends(current_principal),
     auth: ServiceClient = Depends(deps.auth),
+    changed: deps.AuthChanged = Depends(deps.auth_changed),
 ) -> dict:
     """Revokes one of the caller's keys. A key may revoke itself (`gpumarket logout`)
     but no other: a leaked key can't lock its owner's other scripts out."""
     if principal.kind != "session" and principal.api_key_id != key_id:
         raise Forbidden("log in to do this; an API key can only revoke itself")
-    return await auth.request("DELETE", f"/internal/users/{principal.id}/api-keys/{key_id}")
+    revoked = await auth.request("DELETE", f"/internal/users/{principal.id}/api-keys/{key_id}")
+    await changed(Change(user_id=principal.id))
+    return revoked

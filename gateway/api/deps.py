@@ -1,11 +1,14 @@
 """Shared route dependencies: the app's clients and connections."""
 
+from collections.abc import Awaitable, Callable
+
 from fastapi import Request
 from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
 
 from billing.settings import BillingSettings
 from common.service_app import get_sessionmaker
+from gateway.auth_cache import Change, announce
 from gateway.clients import ServiceClient
 
 # The service database, as every service gets it.
@@ -34,3 +37,15 @@ def registry(request: Request) -> ServiceClient:
 
 def billing(request: Request) -> BillingSettings:
     return request.app.state.settings
+
+
+AuthChanged = Callable[[Change], Awaitable[None]]
+
+
+def auth_changed(request: Request) -> AuthChanged:
+    """Call after a revocation: drops the cached answers it concerns on every replica."""
+
+    async def changed(change: Change) -> None:
+        await announce(request.app.state.auth_cache, request.app.state.nc, change)
+
+    return changed

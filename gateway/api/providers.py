@@ -7,6 +7,7 @@ from common.errors import NotFound
 from common.ids import is_uuid
 from gateway import fleet
 from gateway.api import deps
+from gateway.auth_cache import Change
 from gateway.clients import ServiceClient
 from gateway.schemas import JoinRequest, JoinResponse
 from gateway.security import Principal, current_principal, require
@@ -86,11 +87,13 @@ async def revoke_provider_credential(
     principal: Principal = Depends(require("provider")),
     auth: ServiceClient = Depends(deps.auth),
     registry: ServiceClient = Depends(deps.registry),
+    changed: deps.AuthChanged = Depends(deps.auth_changed),
 ) -> dict:
     """Cuts the machine's daemon off at once (a stolen machine, a leaked config file) and
     takes it off the market. The machine joins again with a new join token."""
     await _owned_provider(registry, provider_id, principal)
     revoked = await auth.request("POST", f"/internal/providers/{provider_id}/credentials/revoke")
+    await changed(Change(provider_id=provider_id))
     await registry.request("POST", f"/internal/providers/{provider_id}/suspend")
     return revoked
 

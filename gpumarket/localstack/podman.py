@@ -116,7 +116,9 @@ def start_podman(data_dir: Path, timeout: float = 60) -> PodmanService:
     sock = _socket_path(data_dir)
     log_path = data_dir / "podman.log"
     argv = [binary, "system", "service", "--time=0", f"unix://{sock}"]
-    proc = spawn("podman", argv, log_path, env=podman_env())
+    # In its own dir: conmon drops an `oom` marker file in its working directory when a
+    # container is killed at its memory limit.
+    proc = spawn("podman", argv, log_path, env=podman_env(), cwd=data_dir)
     service = PodmanService(proc, sock, data_dir, log_path)
 
     def pings() -> bool:

@@ -9,6 +9,7 @@ stuck stream cannot hold up the process's exit.
 import asyncio
 import logging
 import threading
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -33,6 +34,9 @@ T = TypeVar("T")
 PullReporter = Callable[[PullState], Awaitable[None]]
 # Progress reports go out at most this often while pulling (plus the final one).
 PULL_REPORT_INTERVAL_S = 0.5
+# How long an image's inspected size and user are reused: an image removed or retagged
+# on the machine meanwhile is seen at the latest this much later.
+IMAGE_FACTS_TTL_S = 30.0
 
 LABEL_JOB = "gpumarket.job_id"
 LABEL_ATTEMPT = "gpumarket.attempt"
@@ -167,6 +171,9 @@ class Containers:
         # "Podman 4.3.1" or "Docker 27.3.1" once engine_version() was asked (the machine
         # check does, first thing): how GPUs are handed to containers depends on it.
         self.engine: str | None = None
+        # What a recent inspect said of an image by reference: a machine runs the same
+        # image job after job, and each inspect costs the engine CPU the jobs need.
+        self._facts: dict[str, tuple[float, ImageFacts]] = {}
 
     def close(self) -> None:
         self.client.close()
@@ -175,8 +182,11 @@ class Containers:
         """Uses the local image, else pulls it, telling `report` how far it got (at most
         every PULL_REPORT_INTERVAL_S, then "done" or "failed"); a failure is the
         infrastructure's."""
+        known = self._facts.get(image)
+        if known is not None and known[0] > time.monotonic():
+            return known[1]
         try:
-            return await self.image_facts(image)
+            return self._remember(image, await self.image_facts(image))
         except ImageNotFound:
             pass
         except Exception as exc:
@@ -193,7 +203,7 @@ class Containers:
             ) from None
         await _report(report, tracker.state("done"))
         try:
-            return replace(await self.image_facts(image), pulled=True)
+            return replace(self._remember(image, await self.image_facts(image)), pulled=True)
         except Exception as exc:
             raise InfrastructureError(f"inspecting image {image!r}: {explain(exc)}") from None
 
@@ -203,8 +213,13 @@ class Containers:
         config = attrs.get("Config") or {}
         return ImageFacts(size_bytes=int(attrs.get("Size") or 0), user=config.get("User") or "")
 
+    def _remember(self, image: str, facts: ImageFacts) -> ImageFacts:
+        self._facts[image] = (time.monotonic() + IMAGE_FACTS_TTL_S, facts)
+        return facts
+
     async def remove_image(self, image: str) -> None:
         """Best effort: an image in use elsewhere, or already gone, stays as it is."""
+        self._facts.pop(image, None)
         try:
             await asyncio.to_thread(self.client.images.remove, image)
         except DockerException as exc:

@@ -203,6 +203,7 @@ def faked(engine: FakeEngine) -> Containers:
     # Not through __init__, which asks a real engine for its API version.
     containers = Containers.__new__(Containers)
     containers.client, containers.docker_host = engine, "fake"  # type: ignore[assignment]
+    containers._facts = {}
     return containers
 
 
@@ -214,6 +215,23 @@ class Recorder:
     async def __call__(self, state: PullState) -> None:
         self.states.append(state)
         self.at.append(time.monotonic())
+
+
+class TestImageFacts:
+    async def test_inspected_once_then_remembered_until_removed(self) -> None:
+        engine = FakeEngine(PODMAN_PULL)
+        inspects: list[str] = []
+        get = engine.images.get
+        engine.images.get = lambda name: inspects.append(name) or get(name)
+        containers = faked(engine)
+        first = await containers.ensure_image("registry.example.com/app:1")
+        assert first.pulled and inspects == ["registry.example.com/app:1"] * 2
+        again = await containers.ensure_image("registry.example.com/app:1")
+        assert not again.pulled and again.size_bytes == 1234 and len(inspects) == 2
+        engine.images.remove = lambda name: None
+        await containers.remove_image("registry.example.com/app:1")
+        await containers.ensure_image("registry.example.com/app:1")
+        assert len(inspects) == 3
 
 
 class TestEnsureImageReports:

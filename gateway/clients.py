@@ -33,6 +33,14 @@ class ServiceUnavailable(DomainError):
     status_code = 503
 
 
+# uvicorn closes a connection idle for 5 s (its timeout_keep_alive). A pooled connection
+# reused at that instant is closed under the request ("Server disconnected without
+# sending a response"), so ours are dropped sooner, and a read that met the race anyway
+# is sent once more on a fresh connection.
+KEEPALIVE_EXPIRY_S = 3.0
+RETRIED_ON_DISCONNECT = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
 async def _forward_request_id(request: httpx.Request) -> None:
     # The service's logs then carry the same request id as the gateway's.
     rid = request_id.get()
@@ -57,6 +65,7 @@ class ServiceClient:
         self.resolver = resolver
         self.http = httpx.AsyncClient(
             timeout=httpx.Timeout(10.0, connect=3.0),
+            limits=httpx.Limits(keepalive_expiry=KEEPALIVE_EXPIRY_S),
             headers={"X-Internal-Token": internal_token},
             event_hooks={"request": [_forward_request_id]},
             transport=transport,
@@ -72,8 +81,14 @@ class ServiceClient:
 
     async def request(self, method: str, path: str, **kwargs: Any) -> Any:
         """The JSON answer (None for 204); 4xx pass through as UpstreamError, the rest is 503."""
+        url = await self._url(path)
         try:
-            response = await self.http.request(method, await self._url(path), **kwargs)
+            try:
+                response = await self.http.request(method, url, **kwargs)
+            except httpx.RemoteProtocolError:
+                if method not in RETRIED_ON_DISCONNECT:
+                    raise
+                response = await self.http.request(method, url, **kwargs)
         except httpx.TransportError as exc:
             raise ServiceUnavailable(f"{self.name} is unreachable: {exc}") from exc
         if 400 <= response.status_code < 500:

@@ -6,10 +6,13 @@ on each other. Which machine to try is the scheduler's choice (scheduler/fleet_i
 whether its GPUs are still free is decided here.
 """
 
+from collections import Counter
+from collections.abc import Collection
 from dataclasses import dataclass
 from decimal import Decimal
 
-from sqlalchemy import select, update
+from sqlalchemy import String, any_, bindparam, select, update
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from provider_registry.models import ONLINE, Gpu, Provider
@@ -86,3 +89,27 @@ async def release(session: AsyncSession, job_id: str) -> int:
         update(Gpu.__table__).where(gpus.reserved_job_id == job_id).values(reserved_job_id=None)
     )
     return result.rowcount or 0
+
+
+async def release_many(session: AsyncSession, job_ids: Collection[str]) -> dict[str, int]:
+    """Frees every GPU these jobs hold, in one statement; returns how many each job had
+    (jobs that held none are left out)."""
+    if not job_ids:
+        return {}
+    gpus = Gpu.__table__.c
+    # The rows as locked, so RETURNING can say whose they were (it sees the new row).
+    # One array parameter: the same statement text whatever the number of jobs.
+    held = (
+        select(gpus.id, gpus.reserved_job_id)
+        .where(gpus.reserved_job_id == any_(bindparam("job_ids", list(job_ids), ARRAY(String))))
+        .order_by(gpus.id)
+        .with_for_update()
+        .cte("held")
+    )
+    rows = await session.execute(
+        update(Gpu.__table__)
+        .where(gpus.id == held.c.id)
+        .values(reserved_job_id=None)
+        .returning(held.c.reserved_job_id)
+    )
+    return dict(Counter(rows.scalars()))

@@ -9,10 +9,25 @@ The prior keeps one unlucky task from sinking a new machine and one lucky task f
 crowning it. Time spent draining counts as up: the owner chose it and said so.
 """
 
+from collections import Counter
+from collections.abc import Iterable
 from datetime import UTC, date, datetime
 
-from sqlalchemy import Date, Float, Numeric, bindparam, cast, func, literal, select, text, update
-from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy import (
+    Date,
+    Float,
+    Integer,
+    Numeric,
+    String,
+    bindparam,
+    cast,
+    func,
+    literal,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.dialects.postgresql import ARRAY, insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from provider_registry.models import LEFT, Provider, ProviderOutage, ProviderTaskDay
@@ -24,13 +39,44 @@ async def record_task_outcome(
     session: AsyncSession, provider_id: str, infrastructure: bool, day: date | None = None
 ) -> None:
     """Counts one ended task attempt; the caller makes sure it counts each attempt once."""
+    await record_task_outcomes(session, [(provider_id, infrastructure)], day)
+
+
+async def record_task_outcomes(
+    session: AsyncSession, outcomes: Iterable[tuple[str, bool]], day: date | None = None
+) -> None:
+    """Counts ended task attempts, each a (provider_id, infrastructure) pair, in one
+    statement; the caller makes sure it counts each attempt once."""
+    ok: Counter[str] = Counter()
+    infra: Counter[str] = Counter()
+    for provider_id, infrastructure in outcomes:
+        (infra if infrastructure else ok)[provider_id] += 1
+    if not ok and not infra:
+        return
     day = day or datetime.now(UTC).date()
-    column = "infrastructure" if infrastructure else "ok"
-    stmt = insert(ProviderTaskDay).values(provider_id=provider_id, day=day, **{column: 1})
+    # One row per provider (an upsert may not touch a row twice), in id order so that
+    # concurrent writers lock them in one order. Arrays keep one statement text.
+    providers = sorted(ok.keys() | infra.keys())
+    rows = (
+        func.unnest(
+            bindparam("providers", providers, ARRAY(String)),
+            bindparam("oks", [ok[p] for p in providers], ARRAY(Integer)),
+            bindparam("infras", [infra[p] for p in providers], ARRAY(Integer)),
+        )
+        .table_valued("provider_id", "ok", "infrastructure")
+        .render_derived(name="counts")
+    )
+    stmt = insert(ProviderTaskDay).from_select(
+        ["provider_id", "day", "ok", "infrastructure"],
+        select(rows.c.provider_id, literal(day, Date), rows.c.ok, rows.c.infrastructure),
+    )
     await session.execute(
         stmt.on_conflict_do_update(
             index_elements=[ProviderTaskDay.provider_id, ProviderTaskDay.day],
-            set_={column: getattr(ProviderTaskDay, column) + 1},
+            set_={
+                "ok": ProviderTaskDay.ok + stmt.excluded.ok,
+                "infrastructure": ProviderTaskDay.infrastructure + stmt.excluded.infrastructure,
+            },
         )
     )
 

@@ -5,15 +5,23 @@ redelivered or stale event changes nothing. Whatever the job's state, an exited 
 finished event frees the attempt's GPUs: a job the platform asked to stop (cancelled, or past its
 time limit) keeps them until its daemon says the container stopped, and no late event
 brings such a job back.
+
+A batch costs the same few statements however many events it holds: its jobs are locked
+in one query, in id order (the lock order of every writer of many jobs, so replicas never
+deadlock); its events are applied to those rows in memory, each job's in their order;
+then each kind of write goes in one statement: the jobs, the freed GPUs, the outputs, the
+reliability counts, and the settlement's few (billing/settlement.py).
 """
 
 import logging
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from datetime import datetime
 
-from sqlalchemy import func
-from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy import String, any_, bindparam, func, inspect, select
+from sqlalchemy.dialects.postgresql import ARRAY, insert
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm.attributes import flag_modified
 
 from billing.settings import BillingSettings
 from billing.settlement import Charged, EndedAttempt
@@ -62,18 +70,15 @@ async def apply_events(
 ) -> tuple[list[Effect], list[Charged]]:
     """Applies (event, seen_at) pairs in order, then settles in the same transaction
     what they ended: the money moves with the state, never apart from it."""
-    effects = [await apply_event(session, event, policy, seen_at) for event, seen_at in events]
+    effects, now = await _apply(session, events, policy)
     charged = await settling.settle(
         session,
         billing,
         [effect.job for effect in effects if effect.job is not None],
         [effect.ended for effect in effects],
+        now=now,
     )
     return effects, charged
-
-
-def _infrastructure(event: JobEvent) -> bool:
-    return event.type == "rejected" or event.outcome == "infrastructure"
 
 
 async def apply_event(
@@ -82,10 +87,80 @@ async def apply_event(
     policy: RetryPolicy = RetryPolicy(),
     seen_at: datetime | None = None,
 ) -> Effect:
-    """`seen_at`: when the platform received the event (JetStream's clock); metering
-    checks the daemon's times against it."""
+    """One event, as a batch of its own, without settlement. `seen_at`: when the platform
+    received the event (JetStream's clock); metering checks the daemon's times against it."""
+    [effect], _ = await _apply(session, [(event, seen_at)], policy)
+    return effect
+
+
+def _infrastructure(event: JobEvent) -> bool:
+    return event.type == "rejected" or event.outcome == "infrastructure"
+
+
+@dataclass
+class _Writes:
+    """What a batch's events write besides the jobs' own columns, gathered so that each
+    kind goes to the database in one statement."""
+
+    # The transaction's time (Postgres now()); None only when no job of the batch exists.
+    now: datetime | None
+    # Event index -> the job whose GPUs the event frees.
+    releases: dict[int, str] = field(default_factory=dict)
+    outputs: list[dict] = field(default_factory=list)
+    # (provider_id, infrastructure) per attempt that ended.
+    outcomes: list[tuple[str, bool]] = field(default_factory=list)
+
+
+async def _apply(
+    session: AsyncSession, events: list[tuple[JobEvent, datetime | None]], policy: RetryPolicy
+) -> tuple[list[Effect], datetime | None]:
+    jobs, now = await _lock_jobs(session, {event.job_id for event, _ in events})
+    writes = _Writes(now)
+    effects = [
+        await _apply_one(session, writes, index, jobs.get(event.job_id), event, seen_at, policy)
+        for index, (event, seen_at) in enumerate(events)
+    ]
+    await _flush_jobs(session, jobs.values())
+    freed = await capacity.release_many(session, set(writes.releases.values()))
+    for index, job_id in writes.releases.items():
+        # No GPU can be reserved for a job while its row is locked: the first event of
+        # the batch to free a job's GPUs frees them all, the later ones free nothing.
+        effects[index].gpus_freed = freed.pop(job_id, 0) > 0
+    if writes.outputs:
+        await session.execute(insert(JobOutput.__table__).on_conflict_do_nothing(), writes.outputs)
+    await reliability.record_task_outcomes(session, writes.outcomes)
+    return effects, now
+
+
+async def _lock_jobs(
+    session: AsyncSession, job_ids: set[str]
+) -> tuple[dict[str, Job], datetime | None]:
+    """The jobs, locked in one query, and the transaction's time."""
+    if not job_ids:
+        return {}, None
+    rows = (
+        await session.execute(
+            select(Job, func.now())
+            .where(Job.id == any_(bindparam("job_ids", sorted(job_ids), ARRAY(String))))
+            # Byte order, like Python's sorted(), which lifecycle's writers lock in.
+            .order_by(Job.id.collate("C"))
+            .with_for_update()
+            .execution_options(populate_existing=True)
+        )
+    ).all()
+    return {job.id: job for job, _ in rows}, rows[0][1] if rows else None
+
+
+async def _apply_one(
+    session: AsyncSession,
+    writes: _Writes,
+    index: int,
+    job: Job | None,
+    event: JobEvent,
+    seen_at: datetime | None,
+    policy: RetryPolicy,
+) -> Effect:
     effect = Effect()
-    job = await session.get(Job, event.job_id, with_for_update=True)
     if job is None or job.attempt != event.attempt or job.provider_id != event.provider_id:
         log.info("stale event ignored", extra={"job_id": event.job_id, "type": event.type})
         return effect
@@ -103,9 +178,9 @@ async def apply_event(
     elif event.type == "exited":
         # The container is gone: its GPUs may take the next job while the daemon uploads
         # the results; the job ends with `finished`.
-        effect.gpus_freed = await capacity.release(session, job.id) > 0
+        writes.releases[index] = job.id
     elif event.type in ("finished", "rejected"):
-        effect.gpus_freed = await capacity.release(session, job.id) > 0
+        writes.releases[index] = job.id
         if job.finished_at is None or job.status in states.ACTIVE:
             # Before _finish: a requeue forgets the attempt's provider and times.
             effect.ended = settling.ended_attempt(
@@ -116,32 +191,30 @@ async def apply_event(
                 started_at=event.started_at,
                 ended_at=event.ended_at,
             )
-            await _finish(session, job, event, effect, policy)
+            await _finish(session, writes, job, event, effect, policy)
     return effect
 
 
 async def _finish(
-    session: AsyncSession, job: Job, event: JobEvent, effect: Effect, policy: RetryPolicy
+    session: AsyncSession,
+    writes: _Writes,
+    job: Job,
+    event: JobEvent,
+    effect: Effect,
+    policy: RetryPolicy,
 ) -> None:
     job.exit_code = event.exit_code
     job.log_tail = event.log_tail
-    if event.outputs:
-        await session.execute(
-            insert(JobOutput)
-            .values(
-                [
-                    {
-                        "job_id": job.id,
-                        "attempt": job.attempt,
-                        "path": o.path,
-                        "size": o.size,
-                        "sha256": o.sha256,
-                    }
-                    for o in event.outputs
-                ]
-            )
-            .on_conflict_do_nothing()
-        )
+    writes.outputs += [
+        {
+            "job_id": job.id,
+            "attempt": job.attempt,
+            "path": o.path,
+            "size": o.size,
+            "sha256": o.sha256,
+        }
+        for o in event.outputs
+    ]
     if job.status not in states.ACTIVE:
         # The platform already ended it (cancel, time limit): the container has stopped.
         job.finished_at = event.at
@@ -149,7 +222,7 @@ async def _finish(
         return
     infrastructure = _infrastructure(event)
     # Once per attempt: a replayed event is stale by now (attempt moved on or job ended).
-    await reliability.record_task_outcome(session, event.provider_id, infrastructure)
+    writes.outcomes.append((event.provider_id, infrastructure))
     retry_reason = None
     if infrastructure:
         retry_reason = f"infrastructure fault: {event.reason}"
@@ -159,7 +232,7 @@ async def _finish(
         effect.retry_reason = "exit_code"
     if retry_reason is not None and job.attempt < job.retries:
         # Not the user's fault (or the user asked): run it again, elsewhere if the
-        # machine was at fault.
+        # machine was at fault. The batch frees the GPUs this event asked to free.
         effect.requeued = await requeue_or_fail(
             session,
             job,
@@ -167,14 +240,49 @@ async def _finish(
             policy,
             avoid_provider=infrastructure,
             failure_reason=retry_reason,
+            release_gpus=False,
         )
         job.log_tail = None
     else:
         job.status = _outcome_status(event)
-        job.finished_at = event.at if job.started_at else func.now()
+        job.finished_at = event.at if job.started_at else writes.now
         job.failure_reason = _failure_reason(event, job.status)
         effect.ran = _run_time(job.status, job.started_at, event)
     effect.new_status = job.status
+
+
+# Every column an event (or the requeue it causes) may write. Each changed job writes
+# them all, so the ORM sends the batch's jobs in one executemany UPDATE instead of one
+# per run of jobs that changed different columns. A column missing here costs one
+# UPDATE more, never a wrong row.
+_EVENT_COLUMNS = (
+    "status",
+    "attempt",
+    "provider_id",
+    "gpu_uuids",
+    "price_per_gpu_hour",
+    "gpu_model",
+    "avoid_providers",
+    "exit_code",
+    "failure_reason",
+    "log_tail",
+    "waiting_reason",
+    "not_before",
+    "assigned_at",
+    "accepted_at",
+    "started_at",
+    "started_seen_at",
+    "stop_requested_at",
+    "finished_at",
+)
+
+
+async def _flush_jobs(session: AsyncSession, jobs: Iterable[Job]) -> None:
+    for job in jobs:
+        if inspect(job).modified:
+            for column in _EVENT_COLUMNS:
+                flag_modified(job, column)
+    await session.flush()
 
 
 def _run_time(

@@ -67,13 +67,17 @@ async def requeue_or_fail(
     *,
     avoid_provider: bool,
     failure_reason: str,
+    release_gpus: bool = True,
 ) -> bool:
     """Frees the attempt's GPUs and queues the next attempt after its backoff, or, with no
     retry left, ends the job as failed with `failure_reason`. True when requeued.
 
     `avoid_provider`: the fault was the machine's, so the next attempt goes elsewhere.
+    `release_gpus`: False when the caller frees them itself in the same transaction (the
+    events batch frees all its jobs' GPUs in one statement).
     """
-    await capacity.release(session, job.id)
+    if release_gpus:
+        await capacity.release(session, job.id)
     if job.attempt >= job.retries:
         job.status = states.FAILED
         job.failure_reason = failure_reason

@@ -66,7 +66,7 @@ def ended_attempt(
     )
 
 
-def _finished(jobs: list[Job]) -> list[settlement.FinishedJob]:
+def _finished(jobs: list[Job], now: datetime | None) -> list[settlement.FinishedJob]:
     """Jobs that ended for good and are not settled yet; marks them settled."""
     done = []
     for job in jobs:
@@ -76,7 +76,7 @@ def _finished(jobs: list[Job]) -> list[settlement.FinishedJob]:
             and job.settled_at is None
             and job.hold_amount is not None
         ):
-            job.settled_at = func.now()
+            job.settled_at = func.now() if now is None else now
             done.append(settlement.FinishedJob(job_id=job.id, owner_id=job.owner_id))
     return done
 
@@ -86,10 +86,14 @@ async def settle(
     settings: BillingSettings,
     jobs: list[Job],
     ended: Sequence[settlement.EndedAttempt | None] = (),
+    now: datetime | None = None,
 ) -> list[settlement.Charged]:
-    """Charges the ended attempts and settles whichever of `jobs` have finished."""
+    """Charges the ended attempts and settles whichever of `jobs` have finished.
+
+    `now`: the transaction's time (Postgres `now()`) when the caller has read it; a value
+    instead of the SQL function lets the ORM write many jobs in one UPDATE."""
     return await settlement.settle(
-        session, settings, [a for a in ended if a is not None], _finished(jobs)
+        session, settings, [a for a in ended if a is not None], _finished(jobs, now)
     )
 
 

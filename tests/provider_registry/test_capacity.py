@@ -27,6 +27,13 @@ async def reserve_on(db: async_sessionmaker, machine: Provider, count: int = 1, 
         )
 
 
+async def reserve_on_for(db: async_sessionmaker, machine: Provider, job_id: str, count: int):  # type: ignore[no-untyped-def]
+    async with db.begin() as session:
+        return await capacity.reserve_in_pool(
+            session, job_id, machine.id, machine.gpus[0].model, count
+        )
+
+
 class TestReserveInPool:
     async def test_reserves_exact_gpus_in_index_order(self, db: async_sessionmaker) -> None:
         async with db.begin() as session:
@@ -82,6 +89,18 @@ class TestReserveInPool:
             assert await capacity.release(session, job_id) == 1
             assert await capacity.release(session, job_id) == 0
         assert await reserve(db)
+
+    async def test_release_many_says_how_many_each_job_held(self, db: async_sessionmaker) -> None:
+        async with db.begin() as session:
+            machine = await create_provider(session, gpus=4)
+        two, one, none = (str(uuid.uuid4()) for _ in range(3))
+        assert await reserve_on_for(db, machine, two, 2)
+        assert await reserve_on_for(db, machine, one, 1)
+        async with db.begin() as session:
+            assert await capacity.release_many(session, [two, one, none]) == {two: 2, one: 1}
+            assert await capacity.release_many(session, [two, one, none]) == {}
+            assert await capacity.release_many(session, []) == {}
+        assert await reserve_on(db, machine, 4)
 
 
 class TestSuspension:

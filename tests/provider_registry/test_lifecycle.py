@@ -145,6 +145,24 @@ class TestReliability:
             days = (await session.scalars(select(ProviderTaskDay))).all()
         assert sum(d.ok for d in days) == 15 and sum(d.infrastructure for d in days) == 6
 
+    async def test_outcomes_counted_together_add_up_like_one_by_one(self, db) -> None:  # type: ignore[no-untyped-def]
+        day = date(2026, 1, 2)
+        async with db.begin() as session:
+            a, b = await create_provider(session), await create_provider(session)
+            await reliability.record_task_outcome(session, a.id, infrastructure=True, day=day)
+        async with db.begin() as session:
+            await reliability.record_task_outcomes(
+                session,
+                [(b.id, False), (a.id, False), (b.id, True), (a.id, False), (b.id, False)],
+                day=day,
+            )
+            await reliability.record_task_outcomes(session, [], day=day)
+        async with db() as session:
+            days = (await session.scalars(select(ProviderTaskDay))).all()
+        counts = {d.provider_id: (d.ok, d.infrastructure) for d in days}
+        assert counts == {a.id: (2, 1), b.id: (2, 1)}
+        assert {d.day for d in days} == {day}
+
     async def test_a_new_machine_starts_trusted(self, db) -> None:  # type: ignore[no-untyped-def]
         async with db.begin() as session:
             machine = await create_provider(session)

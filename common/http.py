@@ -19,7 +19,7 @@ from prometheus_client import (
     generate_latest,
 )
 from starlette.responses import Response
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from common.body_limit import DEFAULT_MAX_BODY_BYTES, BodyLimitMiddleware
 from common.errors import DomainError
@@ -108,17 +108,46 @@ def install_common(
                 return JSONResponse({"status": "unhealthy", "reason": str(exc)}, status_code=503)
         return JSONResponse({"status": "ok"})
 
-    @app.middleware("http")
-    async def record_metrics(request: Request, call_next):  # type: ignore[no-untyped-def]
-        started = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        path = getattr(route, "path", "unmatched")
-        HTTP_REQUESTS.labels(service, request.method, path, str(response.status_code)).inc()
-        HTTP_LATENCY.labels(service, request.method, path).observe(time.perf_counter() - started)
-        return response
-
+    app.add_middleware(RequestMetricsMiddleware, service=service)
     app.add_middleware(RequestIdMiddleware)
+
+
+class RequestMetricsMiddleware:
+    """Requests and latency (to the response's start: an SSE stream counts until its
+    headers) per route template and status. Plain ASGI: Starlette's BaseHTTPMiddleware
+    runs every request in a task group of its own, a cost each request would pay."""
+
+    def __init__(self, app: ASGIApp, service: str) -> None:
+        self.app = app
+        self.service = service
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status_code = 500  # what the caller gets if the app raises before answering
+
+        async def send_observed(message: Message) -> None:
+            nonlocal status_code
+            if message["type"] == "http.response.start":
+                status_code = message["status"]
+                HTTP_LATENCY.labels(self.service, scope["method"], _route(scope)).observe(
+                    time.perf_counter() - started
+                )
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_observed)
+        finally:
+            HTTP_REQUESTS.labels(
+                self.service, scope["method"], _route(scope), str(status_code)
+            ).inc()
+
+
+def _route(scope: Scope) -> str:
+    # The router records the matched route in the scope: its template, not the raw path.
+    return getattr(scope.get("route"), "path", "unmatched")
 
 
 def internal_auth_dependency(expected_token: str) -> Callable[[str | None], None]:

@@ -8,6 +8,7 @@ import pytest
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
+from prometheus_client import REGISTRY
 from pydantic import BaseModel
 from sse_starlette.sse import EventSourceResponse
 
@@ -328,3 +329,66 @@ async def _nonblank(lines: AsyncIterator[str]) -> AsyncIterator[str]:
     async for line in lines:
         if line.strip():
             yield line
+
+
+class TestRequestMetrics:
+    """Counted per route template and status, with latency to the response's start."""
+
+    @staticmethod
+    def count(route: str, status: str, method: str = "GET") -> float:
+        labels = {"service": "metrics-test", "method": method, "route": route, "status": status}
+        return REGISTRY.get_sample_value("http_requests_total", labels) or 0.0
+
+    async def test_routes_statuses_and_errors(self) -> None:
+        app = FastAPI()
+        install_common(app, "metrics-test")
+
+        @app.get("/things/{thing_id}")
+        async def thing(thing_id: int) -> dict:
+            return {"id": thing_id}
+
+        @app.get("/broken")
+        async def broken() -> dict:
+            raise RuntimeError("boom")
+
+        before = {
+            key: self.count(*key)
+            for key in [
+                ("/things/{thing_id}", "200"),
+                ("/things/{thing_id}", "422"),
+                ("unmatched", "404"),
+                ("/broken", "500"),
+            ]
+        }
+        async with client_for(app, raise_app_exceptions=False) as client:
+            assert (await client.get("/things/1")).status_code == 200
+            assert (await client.get("/things/2")).status_code == 200
+            assert (await client.get("/things/x")).status_code == 422
+            assert (await client.get("/nowhere")).status_code == 404
+            assert (await client.get("/broken")).status_code == 500
+        after = {key: self.count(*key) for key in before}
+        assert {key: after[key] - before[key] for key in before} == {
+            ("/things/{thing_id}", "200"): 2,
+            ("/things/{thing_id}", "422"): 1,
+            ("unmatched", "404"): 1,
+            ("/broken", "500"): 1,
+        }
+        latency = REGISTRY.get_sample_value(
+            "http_request_duration_seconds_count",
+            {"service": "metrics-test", "method": "GET", "route": "/things/{thing_id}"},
+        )
+        assert latency is not None and latency >= 3
+
+    async def test_a_stream_is_timed_to_its_start(self, served: tuple[FastAPI, str]) -> None:
+        app, url = served
+        labels = {"service": "test", "method": "GET", "route": "/stream"}
+        before = REGISTRY.get_sample_value("http_request_duration_seconds_count", labels) or 0
+        async with httpx.AsyncClient(base_url=url) as client, asyncio.timeout(10):
+            async with client.stream("GET", "/stream") as response:
+                lines = _nonblank(response.aiter_lines())
+                assert "first" in await anext(lines)
+                # Headers went out: timed already, while the body is still open.
+                after = REGISTRY.get_sample_value("http_request_duration_seconds_count", labels)
+                assert after == before + 1
+                app.state.release.set()
+                assert any(["second" in line async for line in lines])

@@ -50,21 +50,49 @@ async def place_holds(session: AsyncSession, owner_id: str, holds: list[Hold]) -
     """Moves each job's hold from the owner's available credits to held, or refuses the
     whole submission with a 402 saying how much is missing (nothing is written)."""
     locked = await ledger.lock(session, [(AVAILABLE, owner_id), (HELD, owner_id)])
-    available, held = locked.ids[(AVAILABLE, owner_id)], locked.ids[(HELD, owner_id)]
+    available = locked.balance((AVAILABLE, owner_id))
     required = sum((h.amount for h in holds), Decimal(0))
-    if required > locked.balances[available]:
-        raise InsufficientFunds(required, locked.balances[available])
-    await ledger.post(
-        session,
-        [
-            ledger.Posting(
-                key=f"hold:{h.job_id}",
-                kind="hold",
-                source=available,
-                target=held,
-                amount=h.amount,
-                job_id=h.job_id,
-            )
-            for h in holds
-        ],
+    if required > available:
+        raise InsufficientFunds(required, available)
+    await ledger.post(session, [_hold_posting(locked, owner_id, h) for h in holds])
+
+
+@dataclass(frozen=True)
+class Admission:
+    """Which of many submissions their owners' credits cover: `refusals[i]` is None for an
+    admitted one; `postings` move the admitted holds once the jobs are written."""
+
+    refusals: list[InsufficientFunds | None]
+    postings: list[ledger.Posting]
+
+
+async def admit_holds(session: AsyncSession, wanted: list[tuple[str, Hold]]) -> Admission:
+    """Decides many (owner_id, hold) submissions at once, in their order, exactly as if
+    each had been placed alone one after the other: one lock query for every owner, and
+    a submission its owner's remaining credits don't cover is refused on its own."""
+    owners = {owner_id for owner_id, _ in wanted}
+    locked = await ledger.lock(
+        session, [key for o in owners for key in ((AVAILABLE, o), (HELD, o))]
+    )
+    left = {o: locked.balance((AVAILABLE, o)) for o in owners}
+    refusals: list[InsufficientFunds | None] = []
+    postings = []
+    for owner_id, hold in wanted:
+        if hold.amount > left[owner_id]:
+            refusals.append(InsufficientFunds(hold.amount, left[owner_id]))
+            continue
+        left[owner_id] -= hold.amount
+        refusals.append(None)
+        postings.append(_hold_posting(locked, owner_id, hold))
+    return Admission(refusals, postings)
+
+
+def _hold_posting(locked: ledger.Locked, owner_id: str, hold: Hold) -> ledger.Posting:
+    return ledger.Posting(
+        key=f"hold:{hold.job_id}",
+        kind="hold",
+        source=locked.ids[(AVAILABLE, owner_id)],
+        target=locked.ids[(HELD, owner_id)],
+        amount=hold.amount,
+        job_id=hold.job_id,
     )

@@ -13,6 +13,7 @@ from gateway.clients import ServiceClient
 from gateway.ratelimit import RateLimiter
 from gateway.security import JwksCache
 from gateway.settings import GatewaySettings
+from gateway.submissions import SubmissionBatcher
 
 
 def create_app(settings: GatewaySettings | None = None) -> FastAPI:
@@ -37,8 +38,11 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         await listen(app.state.auth_cache, app.state.nc)
         app.state.js = app.state.nc.jetstream()
         await ensure_streams(app.state.js)
+        app.state.submissions = SubmissionBatcher(app.state.sessionmaker, app.state.js, settings)
+        app.state.submissions.start()
 
     async def shutdown(app: FastAPI) -> None:
+        await app.state.submissions.stop()
         await app.state.nc.drain()
         for client in (app.state.auth, app.state.storage, app.state.registry):
             await client.aclose()

@@ -15,10 +15,11 @@ from billing.settings import BillingSettings
 from common import subjects
 from common.errors import Invalid
 from common.ids import is_uuid
-from common.messages import JobSubmitted, LogBatch, PullProgress
+from common.messages import LogBatch, PullProgress
 from gateway.clients import ServiceClient, ServiceUnavailable, UpstreamError
 from gateway.schemas import JobArrayOut, JobArrayRequest, LogLine, StreamEnd
 from gateway.storage import UsageCache, presign
+from gateway.submissions import SubmissionBatcher, wake_scheduler
 from scheduler import job_store, states
 from scheduler.models import Job
 from scheduler.schemas import JobOut, JobSpec
@@ -34,25 +35,16 @@ FILE_CHECKS_IN_FLIGHT = 8
 
 
 async def submit_job(
-    db: async_sessionmaker,
-    js: JetStreamContext,
-    storage: ServiceClient,
-    owner_id: str,
-    spec: JobSpec,
-    billing: BillingSettings,
+    batcher: SubmissionBatcher, storage: ServiceClient, owner_id: str, spec: JobSpec
 ) -> JobOut:
-    """Stores the job with its hold (it can't be lost once we answer 202), then publishes
-    a wake-up. Credits that don't cover the hold: 402, and nothing is stored."""
+    """Stores the job with its hold (it can't be lost once we answer 202), committed
+    together with the other submissions of the moment, and wakes the scheduler. Credits
+    that don't cover the hold: 402, and nothing is stored."""
     await _check_storage_quota(storage, owner_id)
     await _check_inputs(storage, owner_id, [("", spec)])
-    async with db.begin() as session:
-        job = await job_store.create_job(session, owner_id, spec, billing)
-    out = job_store.new_job_out(job)
-    await _wake_scheduler(
-        js, job.id, subjects.msg_id(job.id, job.attempt, "submitted"), {"job_id": job.id}
-    )
+    job = await batcher.submit(owner_id, spec)
     log.info("job submitted", extra={"job_id": job.id, "owner_id": owner_id})
-    return out
+    return job_store.new_job_out(job)
 
 
 async def submit_array(
@@ -69,7 +61,7 @@ async def submit_array(
     await _check_inputs(storage, owner_id, named)
     async with db.begin() as session:
         array_id, created = await job_store.create_array(session, owner_id, specs, billing)
-    await _wake_scheduler(
+    await wake_scheduler(
         js, created[0].id, subjects.msg_id(array_id, 0, "array"), {"array_id": array_id}
     )
     log.info(
@@ -135,21 +127,6 @@ async def _check_inputs(
     for (file_id, field), ok in zip(first_use.items(), found, strict=True):
         if not ok:
             raise Invalid(f"file {file_id} not found", field=field)
-
-
-async def _wake_scheduler(js: JetStreamContext, job_id: str, msg_id: str, extra: dict) -> None:
-    try:
-        await js.publish(
-            subjects.JOB_SUBMITTED,
-            JobSubmitted(job_id=job_id, attempt=0).model_dump_json().encode(),
-            headers={"Nats-Msg-Id": msg_id},
-        )
-    except Exception as exc:
-        # The jobs are safe in Postgres; the scheduler's next pass over queued jobs finds them.
-        log.warning(
-            "publish failed; the scheduler will find the job by its next pass",
-            extra={**extra, "error": str(exc)},
-        )
 
 
 async def _read_job(db: async_sessionmaker, job_id: str, owner_id: str | None) -> Job:

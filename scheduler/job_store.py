@@ -11,8 +11,8 @@ from decimal import Decimal
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from billing import reports
-from billing.holds import place_holds
+from billing import ledger, reports
+from billing.holds import Hold, InsufficientFunds, admit_holds, place_holds
 from billing.settings import BillingSettings
 from common.errors import NotFound
 from common.ids import is_uuid
@@ -79,13 +79,45 @@ async def create_job(
 ) -> Job:
     """Inserts the job and, with `billing`, holds its worst-case cost from the owner's
     credits (InsufficientFunds, a 402, when they don't cover it)."""
-    job = new_job(owner_id, spec, billing=billing)
-    session.add(job)
-    await session.flush()
+    [created] = await create_jobs(session, [(owner_id, spec)], billing)
+    if isinstance(created, InsufficientFunds):
+        raise created
+    return created
+
+
+async def create_jobs(
+    session: AsyncSession,
+    submissions: list[tuple[str, JobSpec]],
+    billing: BillingSettings | None = None,
+) -> list[Job | InsufficientFunds]:
+    """Inserts many (owner_id, spec) submissions in one go, each its own job with its own
+    hold, in their order: the gateway's group commit of concurrent requests. A submission
+    its owner's credits don't cover gets InsufficientFunds and writes nothing, exactly as
+    if the submissions had come one after the other; the others go in.
+
+    created_at is the transaction's time plus the position in microseconds, so the
+    queue's FIFO order within a priority is the order of arrival.
+    """
+    start = await session.scalar(select(func.now()))
+    jobs = [new_job(owner_id, spec, billing=billing) for owner_id, spec in submissions]
+    for i, job in enumerate(jobs):
+        job.created_at = start + timedelta(microseconds=i)
+    results: list[Job | InsufficientFunds] = list(jobs)
+    postings = []
     if billing is not None:
-        await place_holds(session, owner_id, settling.holds_of([job]))
-    await session.refresh(job, ["created_at"])
-    return job
+        # With billing, new_job gave every job its hold.
+        admission = await admit_holds(
+            session,
+            [(job.owner_id, Hold(job.id, job.hold_amount)) for job in jobs],  # type: ignore[arg-type]
+        )
+        for i, refusal in enumerate(admission.refusals):
+            if refusal is not None:
+                results[i] = refusal
+        postings = admission.postings
+    session.add_all([r for r in results if isinstance(r, Job)])
+    await session.flush()
+    await ledger.post(session, postings)
+    return results
 
 
 async def create_array(

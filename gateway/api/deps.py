@@ -10,6 +10,7 @@ from billing.settings import BillingSettings
 from common.service_app import get_sessionmaker
 from gateway.auth_cache import Change, announce
 from gateway.clients import ServiceClient
+from gateway.submissions import SubmissionBatcher
 
 # The service database, as every service gets it.
 db = get_sessionmaker
@@ -33,6 +34,10 @@ def storage(request: Request) -> ServiceClient:
 
 def registry(request: Request) -> ServiceClient:
     return request.app.state.registry
+
+
+def submissions(request: Request) -> SubmissionBatcher:
+    return request.app.state.submissions
 
 
 def billing(request: Request) -> BillingSettings:

@@ -16,6 +16,7 @@ from gateway.api import deps
 from gateway.clients import ServiceClient
 from gateway.schemas import JobArrayOut, JobArrayRequest, OutputOut
 from gateway.security import Principal, require
+from gateway.submissions import SubmissionBatcher
 from scheduler import job_store, queue_info, states
 from scheduler.schemas import JobOut, JobSpec
 
@@ -27,14 +28,12 @@ Requester = Depends(require("requester"))
 async def submit_job(
     spec: JobSpec,
     principal: Principal = Requester,
-    db: async_sessionmaker = Depends(deps.db),
-    js: JetStreamContext = Depends(deps.js),
+    batcher: SubmissionBatcher = Depends(deps.submissions),
     storage: ServiceClient = Depends(deps.storage),
-    billing: BillingSettings = Depends(deps.billing),
 ) -> JobOut:
     """Queues the job and holds its worst case (GPUs x price ceiling x max_duration_s)
     from the requester's credits; 402 says how much is missing."""
-    return await jobs.submit_job(db, js, storage, principal.id, spec, billing)
+    return await jobs.submit_job(batcher, storage, principal.id, spec)
 
 
 @router.post("/v1/jobs/batch", status_code=status.HTTP_202_ACCEPTED, response_model=JobArrayOut)

@@ -11,7 +11,7 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from decimal import Decimal
 
-from sqlalchemy import String, any_, bindparam, select, update
+from sqlalchemy import Numeric, Row, String, any_, bindparam, func, select, update
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -113,3 +113,88 @@ async def release_many(session: AsyncSession, job_ids: Collection[str]) -> dict[
         .returning(held.c.reserved_job_id)
     )
     return dict(Counter(rows.scalars()))
+
+
+@dataclass(frozen=True)
+class Wanted:
+    """Exactly these GPUs of one machine for one job, at most `max_price_per_hour` each."""
+
+    job_id: str
+    provider_id: str
+    model: str
+    gpu_uuids: list[str]
+    max_price_per_hour: Decimal | None = None
+
+
+async def reserve_exact(session: AsyncSession, wanted: list[Wanted]) -> dict[str, Reservation]:
+    """Reserves the named GPUs of many jobs in one statement: a placement pass's worth.
+
+    The scheduler named each job's GPUs from its view of the fleet; a job gets its
+    reservation only if every one of them is still free, healthy, within its price, on
+    a machine that is online and not suspended, and not locked by another replica right
+    now (SKIP LOCKED: replicas never wait on each other). A job that got some of its GPUs
+    but not all gets none (a partial hold helps nobody) and is left out of the answer.
+    """
+    if not wanted:
+        return {}
+    gpus, providers = Gpu.__table__.c, Provider.__table__.c
+    flat = [(w, uuid) for w in wanted for uuid in w.gpu_uuids]
+    # Arrays, not a VALUES list: one statement text (one prepared statement) whatever
+    # the number of GPUs.
+    asked = (
+        func.unnest(
+            bindparam("job_ids", [w.job_id for w, _ in flat], ARRAY(String)),
+            bindparam("provider_ids", [w.provider_id for w, _ in flat], ARRAY(String)),
+            bindparam("models", [w.model for w, _ in flat], ARRAY(String)),
+            bindparam("uuids", [uuid for _, uuid in flat], ARRAY(String)),
+            bindparam("max_prices", [w.max_price_per_hour for w, _ in flat], ARRAY(Numeric(12, 6))),
+        )
+        .table_valued("job_id", "provider_id", "model", "uuid", "max_price")
+        .render_derived(name="asked")
+    )
+    free = (
+        select(gpus.id, asked.c.job_id)
+        .join_from(Gpu.__table__, Provider.__table__, providers.id == gpus.provider_id)
+        .join(
+            asked,
+            (gpus.uuid == asked.c.uuid)
+            & (gpus.provider_id == asked.c.provider_id)
+            & (gpus.model == asked.c.model),
+        )
+        .where(
+            gpus.reserved_job_id.is_(None),
+            gpus.healthy.is_(True),
+            providers.state == ONLINE,
+            providers.suspended_reason.is_(None),
+            asked.c.max_price.is_(None) | (gpus.price_per_hour <= asked.c.max_price),
+        )
+        .order_by(gpus.id)
+        .with_for_update(of=Gpu.__table__, skip_locked=True)
+        .cte("free")
+    )
+    rows = (
+        await session.execute(
+            update(Gpu.__table__)
+            .where(gpus.id == free.c.id)
+            .values(reserved_job_id=free.c.job_id)
+            .returning(free.c.job_id, gpus.uuid, gpus.index, gpus.price_per_hour)
+        )
+    ).all()
+    got: dict[str, list[Row]] = {}
+    for row in rows:
+        got.setdefault(row.job_id, []).append(row)
+    reservations, partial = {}, []
+    for w in wanted:
+        mine = sorted(got.get(w.job_id, []), key=lambda r: r.index)
+        if len(mine) < len(w.gpu_uuids):
+            if mine:
+                partial.append(w.job_id)
+            continue
+        reservations[w.job_id] = Reservation(
+            provider_id=w.provider_id,
+            gpu_uuids=[r.uuid for r in mine],
+            price_per_gpu_hour=max(r.price_per_hour for r in mine),
+            gpu_model=w.model,
+        )
+    await release_many(session, partial)
+    return reservations

@@ -507,6 +507,27 @@ class FleetIndex:
         """Marks GPUs reserved (after their reservation in Postgres succeeded)."""
         self._mark(provider_id, uuids, reserved=True)
 
+    def pick(self, choice: Choice, count: int) -> list[str] | None:
+        """Names `count` free healthy GPUs of the chosen pool and marks them reserved, so
+        the pass's next decisions see them taken; None if the pool has too few. The
+        reservation in Postgres then decides, and `release` undoes a pick it refused."""
+        machine = self._machines.get(choice.provider_id)
+        if machine is None:
+            return None
+        s = machine.snapshot
+        assert s is not None
+        picked: list[str] = []
+        for row, start, end in machine.pools:
+            if self._model_names[self._c_model[row]] != choice.model:
+                continue
+            for i in range(start, end):
+                if s.gpu_healthy[i] and not s.gpu_reserved[i]:
+                    picked.append(s.gpu_uuid[i])
+                    if len(picked) == count:
+                        self.take(choice.provider_id, picked)
+                        return picked
+        return None
+
     def release(self, provider_id: str, uuids: Iterable[str]) -> None:
         """Marks GPUs free again."""
         self._mark(provider_id, uuids, reserved=False)

@@ -1,9 +1,9 @@
 """Placement: match queued jobs to free GPUs and reserve them, atomically.
 
 Optimistic, as Nomad's schedulers do it: each pass decides against an in-memory view of
-the fleet (fleet_index, refreshed from the rows changed since the last pass), then
-commits each decision in Postgres, where the GPU rows are locked with SKIP LOCKED and
-re-checked. Postgres is the referee: a replica whose view was stale loses the race for
+the fleet (fleet_index, refreshed from the rows changed since the last pass), naming
+each job's GPUs, then commits the pass's decisions in Postgres in one statement, where
+the GPU rows are locked with SKIP LOCKED and re-checked. Postgres is the referee: a replica whose view was stale loses the race for
 those GPUs, reloads that machine and decides again; no GPU is ever reserved twice.
 
 Jobs are taken in fair-share order (queue_order) and locked with SKIP LOCKED, so several
@@ -159,15 +159,36 @@ class Placer:
             )
         ).all()
         now = datetime.now(UTC)
+        # Decided in memory first, each decision seeing the GPUs the earlier ones named,
+        # then reserved in Postgres in one statement.
+        picks: list[tuple[Job, capacity.Wanted]] = []
+        for job in sorted(jobs, key=lambda j: order[j.id]):
+            demand = demand_of(job, self.allow_simulated)
+            choice = self.index.choose(demand)
+            uuids = self.index.pick(choice, demand.count) if choice is not None else None
+            if choice is None or uuids is None:
+                # Earlier jobs of this pass took what it would have fitted.
+                self._wait(job)
+                continue
+            wanted = capacity.Wanted(
+                job.id, choice.provider_id, choice.model, uuids, job.max_price_per_gpu_hour
+            )
+            picks.append((job, wanted))
         # The jobs' updates go out together at commit (one executemany), not one flush
         # before each reservation.
         with session.no_autoflush:
-            for job in sorted(jobs, key=lambda j: order[j.id]):
-                reservation = await self._reserve_one(session, job, result)
+            reserved = await capacity.reserve_exact(session, [w for _, w in picks])
+            for job, wanted in picks:
+                reservation = reserved.get(job.id)
                 if reservation is None:
-                    # Earlier jobs of this pass took what it would have fitted.
-                    if job.waiting_reason != WAITING_FOR_CAPACITY:
-                        job.waiting_reason = WAITING_FOR_CAPACITY
+                    # Another replica took some of those GPUs, or the machine changed
+                    # since we looked: refresh it, and decide again for this job alone.
+                    self.index.release(wanted.provider_id, wanted.gpu_uuids)
+                    result.races_lost += 1
+                    await self.sync.reload(session, [wanted.provider_id])
+                    reservation = await self._reserve_one(session, job, result)
+                if reservation is None:
+                    self._wait(job)
                     continue
                 job.status = states.ASSIGNED
                 job.waiting_reason = None
@@ -180,6 +201,11 @@ class Placer:
                 result.placements.append(
                     Placement(provider_id=reservation.provider_id, task=task_for(job, reservation))
                 )
+
+    @staticmethod
+    def _wait(job: Job) -> None:
+        if job.waiting_reason != WAITING_FOR_CAPACITY:
+            job.waiting_reason = WAITING_FOR_CAPACITY
 
     async def _reserve_one(
         self, session: AsyncSession, job: Job, result: PassResult

@@ -23,7 +23,7 @@ from pydantic import ValidationError
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from billing.metrics import count_charges
-from common import subjects
+from common import aio, subjects
 from common.aio import wait_event
 from common.db import check_database, make_engine, make_sessionmaker
 from common.embedded_server import EmbeddedServer
@@ -441,7 +441,7 @@ async def _on_reconnected() -> None:
 
 
 def main() -> None:
-    asyncio.run(run(SchedulerSettings()))
+    aio.run(run(SchedulerSettings()))
 
 
 if __name__ == "__main__":

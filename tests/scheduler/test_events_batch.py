@@ -9,14 +9,12 @@ reliability counts, and what the worker is told.
 
 import asyncio
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import event, select
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from billing import funding, reports
@@ -27,6 +25,7 @@ from provider_registry.models import Gpu, Provider, ProviderTaskDay
 from scheduler import job_store, states
 from scheduler.events import Effect, apply_events
 from scheduler.models import Job, JobOutput
+from tests.fixtures.database import statements
 from tests.provider_registry.factories import create_provider
 from tests.scheduler.placing import BILLING, NO_BACKOFF, place, spec
 
@@ -431,22 +430,6 @@ def forty_jobs(n: int = 40) -> tuple[list[dict[str, Any]], list[Step]]:
         else:
             lives.append(life(i, outputs=[OUTPUT]))
     return specs, by_arrival(*lives)
-
-
-@contextmanager
-def statements(db: async_sessionmaker) -> Iterator[list[str]]:
-    """The SQL statements sent while in the block (an executemany counts once)."""
-    sent: list[str] = []
-
-    def record(conn, cursor, statement, parameters, context, executemany) -> None:  # type: ignore[no-untyped-def]
-        sent.append(statement)
-
-    engine = db.kw["bind"].sync_engine
-    event.listen(engine, "before_cursor_execute", record)
-    try:
-        yield sent
-    finally:
-        event.remove(engine, "before_cursor_execute", record)
 
 
 # 15 today: lock the jobs, write them, free the GPUs, outputs, reliability counts; then

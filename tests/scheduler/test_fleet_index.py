@@ -256,6 +256,28 @@ class TestUpdates:
         index.release("a", ["a-RTX 4090-1"])
         assert chosen(index, count=2) is None
 
+    def test_pick_names_free_healthy_gpus_of_the_pool_and_takes_them(self) -> None:
+        index = index_of(
+            machine(
+                "a",
+                gpus(3, prefix="a", reserved=1, unhealthy=1),
+                gpus(2, "A100", prefix="a"),
+            )
+        )
+        choice = index.choose(Demand(count=1, models=("RTX 4090",)))
+        assert choice is not None
+        assert index.pick(choice, 1) == ["a-RTX 4090-1"]
+        # Taken: the next decision of the pass sees it gone.
+        assert chosen(index, count=1, models=("RTX 4090",)) is None
+        assert index.pick(choice, 1) is None
+        a100 = index.choose(Demand(count=2, models=("A100",)))
+        assert a100 is not None and index.pick(a100, 2) == ["a-A100-0", "a-A100-1"]
+        # A pick Postgres refused is given back.
+        index.release("a", ["a-A100-0", "a-A100-1"])
+        assert chosen(index, count=2, models=("A100",)) == "a"
+        gone = replace(a100, provider_id="nobody")
+        assert index.pick(gone, 1) is None
+
     def test_upsert_replaces_everything(self) -> None:
         index = index_of(
             machine("a", gpus(4, "H100", "a"), region="us-east", labels={"tier": "gold"})

@@ -13,6 +13,7 @@ from scheduler import placement, states
 from scheduler.fleet_index import Weights
 from scheduler.models import Job
 from scheduler.settings import SchedulerSettings
+from tests.fixtures.database import statements
 from tests.provider_registry.factories import create_provider
 from tests.scheduler.placing import load, place, placer, submit
 
@@ -254,3 +255,21 @@ def test_the_settings_and_the_index_agree_on_default_weights() -> None:
         reliability=fields["score_reliability_weight"].default,
         packing=fields["score_packing_weight"].default,
     )
+
+
+class TestStatements:
+    async def test_a_pass_reserves_all_its_jobs_in_one_statement(
+        self, db: async_sessionmaker
+    ) -> None:
+        async with db.begin() as session:
+            for _ in range(10):
+                await create_provider(session, gpus=4, price="0.50")
+            for i in range(40):
+                await submit(session, owner_id=f"owner-{i % 3}")
+        with statements(db) as sent:
+            result = await place(db)
+        assert len(result.placements) == 40 and result.races_lost == 0
+        assert sum(sql.lstrip().startswith("WITH free AS") for sql in sent) == 1
+        assert not any("LIMIT" in sql and "UPDATE gpus" in sql for sql in sent)
+        uuids = [u for p in result.placements for u in p.task.gpu_uuids]
+        assert len(uuids) == len(set(uuids)) == 40

@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +21,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from prometheus_client import Counter
 
+from common.aio import Flights
 from common.subjects import AUTH_CHANGED
 
 log = logging.getLogger(__name__)
@@ -59,6 +61,24 @@ class AuthCache:
         self.ttl_s = ttl_s
         self.max_entries = max_entries
         self._entries: dict[str, tuple[float, dict[str, Any]]] = {}
+        self._flights: Flights[dict[str, Any]] = Flights()
+        # Bumped by every eviction: an answer asked for before it may predate the
+        # revocation, so it is neither kept nor shared with requests that came after.
+        self._generation = 0
+
+    async def lookup(
+        self, key: str, ask: Callable[[], Awaitable[dict[str, Any]]]
+    ) -> dict[str, Any]:
+        """The cached answer, or auth_service's (`ask`), asked once however many
+        requests want it at the same moment."""
+        found = self.get(key)
+        if found is not None:
+            return found
+        generation = self._generation
+        found = await self._flights.run(key, ask)
+        if generation == self._generation:
+            self.put(key, found)
+        return found
 
     def get(self, key: str) -> dict[str, Any] | None:
         entry = self._entries.get(key)
@@ -78,6 +98,8 @@ class AuthCache:
         self._entries[key] = (time.monotonic() + self.ttl_s, found)
 
     def evict(self, change: Change) -> int:
+        self._generation += 1
+        self._flights.forget()
         gone = [k for k, (_, found) in self._entries.items() if change.concerns(found)]
         for key in gone:
             del self._entries[key]

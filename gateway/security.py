@@ -114,13 +114,10 @@ def _token(credentials: HTTPAuthorizationCredentials | None) -> str:
 
 async def _authenticate(request: Request, body: dict) -> dict:
     cache: AuthCache = request.app.state.auth_cache
-    key = cache_key(body)
-    found = cache.get(key)
-    if found is None:
-        auth: ServiceClient = request.app.state.auth
-        found = await auth.request("POST", "/internal/authenticate", json=body)
-        cache.put(key, found)
-    return found
+    auth: ServiceClient = request.app.state.auth
+    return await cache.lookup(
+        cache_key(body), lambda: auth.request("POST", "/internal/authenticate", json=body)
+    )
 
 
 async def current_principal(

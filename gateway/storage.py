@@ -4,6 +4,7 @@ plans for a task's results, and a user's storage usage."""
 import time
 from datetime import datetime
 
+from common.aio import Flights
 from gateway.clients import ServiceClient
 from storage_service.schemas import (
     CompletedObject,
@@ -81,13 +82,14 @@ class UsageCache:
         self.ttl_s = ttl_s
         self.max_owners = max_owners
         self._known: dict[str, tuple[float, Usage]] = {}
+        self._flights: Flights[Usage] = Flights()
 
     async def get(self, storage: ServiceClient, owner_id: str) -> Usage:
         now = time.monotonic()
         cached = self._known.get(owner_id)
         if cached is not None and cached[0] > now:
             return cached[1]
-        answer = await usage(storage, owner_id)
+        answer = await self._flights.run(owner_id, lambda: usage(storage, owner_id))
         if answer.used_bytes > answer.quota_bytes * ROOMY_SHARE:
             self._known.pop(owner_id, None)
             return answer

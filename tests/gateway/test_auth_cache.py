@@ -1,6 +1,7 @@
 """Credential answers kept a few seconds by each gateway replica, and revocations that
 still apply at once on every replica."""
 
+import asyncio
 import hashlib
 import time
 from collections.abc import Iterator
@@ -8,6 +9,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
+from common.errors import Unauthorized
 from gateway.auth_cache import AuthCache, Change, cache_key
 from gpumarket.client import Client
 from gpumarket.localstack.process import free_port, spawn, stop_process, wait_until
@@ -63,6 +65,58 @@ class TestAuthCache:
         assert key == "api_key:" + hashlib.sha256(b"gpm_s3cret").hexdigest()
         session = {"kind": "session", "user_id": "u", "session_id": "s"}
         assert cache_key(session) == "session:u:s"
+
+
+class TestLookupsInFlight:
+    """A burst of requests meeting an expired entry asks auth_service once."""
+
+    async def test_concurrent_misses_share_one_call(self) -> None:
+        cache, calls, release = AuthCache(ttl_s=60), [], asyncio.Event()
+
+        async def ask() -> dict:
+            calls.append(1)
+            await release.wait()
+            return SESSION
+
+        waiting = [asyncio.create_task(cache.lookup("s", ask)) for _ in range(50)]
+        await asyncio.sleep(0.01)
+        release.set()
+        assert await asyncio.gather(*waiting) == [SESSION] * 50
+        assert len(calls) == 1
+        assert await cache.lookup("s", ask) == SESSION and len(calls) == 1
+
+    async def test_a_failure_reaches_every_waiter_and_is_not_kept(self) -> None:
+        cache, calls = AuthCache(ttl_s=60), []
+
+        async def refuse() -> dict:
+            calls.append(1)
+            await asyncio.sleep(0.01)
+            raise Unauthorized("session ended")
+
+        answers = await asyncio.gather(
+            *(cache.lookup("s", refuse) for _ in range(5)), return_exceptions=True
+        )
+        assert all(isinstance(a, Unauthorized) for a in answers) and len(calls) == 1
+        assert cache.get("s") is None
+
+    async def test_an_answer_asked_before_a_revocation_is_not_kept_or_shared(self) -> None:
+        cache, release = AuthCache(ttl_s=60), asyncio.Event()
+        answers = iter([SESSION, {**SESSION, "roles": []}])
+
+        async def ask() -> dict:
+            await release.wait()
+            return next(answers)
+
+        before = asyncio.create_task(cache.lookup("s", ask))
+        await asyncio.sleep(0.01)
+        cache.evict(Change(user_id="u1"))
+        # A request after the revocation asks afresh instead of joining the old call.
+        after = asyncio.create_task(cache.lookup("s", ask))
+        await asyncio.sleep(0.01)
+        release.set()
+        assert await before == SESSION
+        assert (await after)["roles"] == []
+        assert cache.get("s") == {**SESSION, "roles": []}
 
 
 @pytest.fixture(scope="module")

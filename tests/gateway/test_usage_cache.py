@@ -1,5 +1,6 @@
 """The gateway's short memory of storage usage (a unit test: storage is faked)."""
 
+import asyncio
 from typing import Any
 
 from gateway.storage import UsageCache
@@ -44,3 +45,10 @@ async def test_kept_answers_expire() -> None:
     await cache.get(storage, "alice")  # type: ignore[arg-type]
     await cache.get(storage, "alice")  # type: ignore[arg-type]
     assert storage.calls == 2
+
+
+async def test_a_burst_of_submissions_asks_once() -> None:
+    cache, storage = UsageCache(ttl_s=60), FakeStorage(used=100)
+    answers = await asyncio.gather(*(cache.get(storage, "alice") for _ in range(40)))  # type: ignore[arg-type]
+    assert {a.used_bytes for a in answers} == {100}
+    assert storage.calls == 1

@@ -5,8 +5,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from decimal import Decimal
 
-from sqlalchemy import select, tuple_
-from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy import Integer, Numeric, String, bindparam, func, select
+from sqlalchemy.dialects.postgresql import ARRAY, insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from billing.models import Account, Entry, Transfer
@@ -45,11 +45,21 @@ async def lock(session: AsyncSession, keys: Iterable[AccountKey]) -> Locked:
     """Locks these accounts, opening the ones that don't exist yet, always in id order so
     that concurrent writers never deadlock. One query when they all exist (the usual case)."""
     wanted = sorted(set(keys))
+    # Two arrays, not an IN list of pairs: the same statement text for any number of
+    # accounts, so asyncpg prepares it once.
+    asked = (
+        func.unnest(
+            bindparam("kinds", [k for k, _ in wanted], ARRAY(String)),
+            bindparam("owners", [o for _, o in wanted], ARRAY(String)),
+        )
+        .table_valued("kind", "owner_id")
+        .render_derived(name="asked")
+    )
     query = (
         select(Account.id, Account.kind, Account.owner_id, Account.balance)
-        .where(tuple_(Account.kind, Account.owner_id).in_(wanted))
+        .join(asked, (Account.kind == asked.c.kind) & (Account.owner_id == asked.c.owner_id))
         .order_by(Account.id)
-        .with_for_update()
+        .with_for_update(of=Account)
     )
     rows = (await session.execute(query)).all() if wanted else []
     if len(rows) < len(wanted):
@@ -75,23 +85,32 @@ async def post(session: AsyncSession, postings: list[Posting]) -> list[Posting]:
     for p in postings:
         if p.amount < 0 or p.source == p.target:
             raise ValueError(f"transfer {p.key}: amount must be positive between two accounts")
+    # Arrays unnested, not a VALUES list: one statement text (one prepared statement)
+    # whatever the number of postings. (An executemany with ON CONFLICT and RETURNING
+    # would go row by row.)
+    columns = {
+        "key": String,
+        "kind": String,
+        "amount": Numeric(20, 6),
+        "job_id": String,
+        "attempt": Integer,
+        "provider_id": String,
+        "gpu_model": String,
+        "memo": String,
+    }
+    given = (
+        func.unnest(
+            *(
+                bindparam(name, [getattr(p, name) for p in postings], ARRAY(kind))
+                for name, kind in columns.items()
+            )
+        )
+        .table_valued(*columns)
+        .render_derived(name="given")
+    )
     rows = await session.execute(
         insert(Transfer)
-        .values(
-            [
-                {
-                    "key": p.key,
-                    "kind": p.kind,
-                    "amount": p.amount,
-                    "job_id": p.job_id,
-                    "attempt": p.attempt,
-                    "provider_id": p.provider_id,
-                    "gpu_model": p.gpu_model,
-                    "memo": p.memo,
-                }
-                for p in postings
-            ]
-        )
+        .from_select(list(columns), select(given))
         .on_conflict_do_nothing(index_elements=["key"])
         .returning(Transfer.id, Transfer.key)
     )
@@ -99,15 +118,14 @@ async def post(session: AsyncSession, postings: list[Posting]) -> list[Posting]:
     posted = [p for p in postings if p.key in new]
     if posted:
         await session.execute(
-            insert(Entry).values(
-                [
-                    leg
-                    for p in posted
-                    for leg in (
-                        {"transfer_id": new[p.key], "account_id": p.source, "amount": -p.amount},
-                        {"transfer_id": new[p.key], "account_id": p.target, "amount": p.amount},
-                    )
-                ]
-            )
+            insert(Entry),
+            [
+                leg
+                for p in posted
+                for leg in (
+                    {"transfer_id": new[p.key], "account_id": p.source, "amount": -p.amount},
+                    {"transfer_id": new[p.key], "account_id": p.target, "amount": p.amount},
+                )
+            ],
         )
     return posted

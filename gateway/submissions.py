@@ -61,6 +61,7 @@ class SubmissionBatcher:
         self._waiting: list[_Waiting] = []
         self._arrived = asyncio.Event()
         self._task: asyncio.Task | None = None
+        self._wakes: set[asyncio.Task] = set()
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="submission-batcher")
@@ -70,6 +71,11 @@ class SubmissionBatcher:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+        # Wake-ups still waiting on NATS are dropped: the scheduler's periodic pass finds
+        # the jobs in Postgres anyway.
+        for wake in self._wakes:
+            wake.cancel()
+        await asyncio.gather(*self._wakes, return_exceptions=True)
         for waiting in self._waiting:
             if not waiting.answer.done():
                 waiting.answer.set_exception(ServiceUnavailable("the gateway is shutting down"))
@@ -114,12 +120,18 @@ class SubmissionBatcher:
         created = [r for r in results if isinstance(r, Job)]
         if created:
             first = created[0]
-            await wake_scheduler(
-                self.js,
-                first.id,
-                subjects.msg_id(first.id, first.attempt, "submitted"),
-                {"job_id": first.id, "count": len(created)},
+            # Not awaited: the next batch's commit must not wait on NATS (a publish to
+            # a NATS that is down waits out its timeout; the jobs are safe already).
+            wake = asyncio.create_task(
+                wake_scheduler(
+                    self.js,
+                    first.id,
+                    subjects.msg_id(first.id, first.attempt, "submitted"),
+                    {"job_id": first.id, "count": len(created)},
+                )
             )
+            self._wakes.add(wake)
+            wake.add_done_callback(self._wakes.discard)
 
     async def _commit(self, batch: list[_Waiting]) -> list[Job | InsufficientFunds]:
         async with self.db.begin() as session:

@@ -157,3 +157,29 @@ async def test_a_stopped_batcher_takes_nothing(
     await batcher.stop()
     with pytest.raises(ServiceUnavailable):
         await batcher.submit(owner, spec())
+
+
+async def test_commits_do_not_wait_for_nats(db: async_sessionmaker) -> None:
+    """A wake-up stuck on an unreachable NATS holds back no submission after it."""
+
+    class StuckJetStream:
+        published = 0
+
+        async def publish(self, *_: object, **__: object) -> None:
+            self.published += 1
+            await asyncio.Event().wait()
+
+    js = StuckJetStream()
+    batcher = SubmissionBatcher(db, js, BILLING)  # type: ignore[arg-type]
+    batcher.start()
+    try:
+        owner = await funded(db, Decimal(100))
+        async with asyncio.timeout(10):
+            for _ in range(3):
+                await batcher.submit(owner, spec())
+        assert js.published == 3
+    finally:
+        async with asyncio.timeout(10):
+            await batcher.stop()
+    async with db() as session:
+        assert len((await session.scalars(select(Job.id))).all()) == 3

@@ -3,8 +3,9 @@
 Optimistic, as Nomad's schedulers do it: each pass decides against an in-memory view of
 the fleet (fleet_index, refreshed from the rows changed since the last pass), naming
 each job's GPUs, then commits the pass's decisions in Postgres in one statement, where
-the GPU rows are locked with SKIP LOCKED and re-checked. Postgres is the referee: a replica whose view was stale loses the race for
-those GPUs, reloads that machine and decides again; no GPU is ever reserved twice.
+the GPU rows are locked with SKIP LOCKED and re-checked. Postgres is the referee: a
+replica whose view was stale loses the race for those GPUs, reloads that machine and
+decides again; no GPU is ever reserved twice.
 
 Jobs are taken in fair-share order (queue_order) and locked with SKIP LOCKED, so several
 replicas split the queue between them instead of waiting on each other. The tasks are

@@ -11,7 +11,7 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from decimal import Decimal
 
-from sqlalchemy import Numeric, Row, String, any_, bindparam, func, select, update
+from sqlalchemy import ColumnElement, Numeric, Row, String, any_, bindparam, func, select, update
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -42,14 +42,7 @@ async def reserve_in_pool(
     suspended, or raised its price since the view was taken is refused.
     """
     gpus, providers = Gpu.__table__.c, Provider.__table__.c
-    conditions = [
-        gpus.provider_id == provider_id,
-        gpus.model == model,
-        gpus.reserved_job_id.is_(None),
-        gpus.healthy.is_(True),
-        providers.state == ONLINE,
-        providers.suspended_reason.is_(None),
-    ]
+    conditions = [gpus.provider_id == provider_id, gpus.model == model, *_reservable()]
     if max_price_per_hour is not None:
         conditions.append(gpus.price_per_hour <= max_price_per_hour)
     # Core, not ORM: this runs once per placement and no GPU object is loaded.
@@ -80,6 +73,18 @@ async def reserve_in_pool(
         price_per_gpu_hour=max(r.price_per_hour for r in rows),
         gpu_model=model,
     )
+
+
+def _reservable() -> list[ColumnElement[bool]]:
+    """A GPU that may be reserved now: free and healthy, on a machine that is online and
+    not suspended (with the gpus joined to their providers)."""
+    gpus, providers = Gpu.__table__.c, Provider.__table__.c
+    return [
+        gpus.reserved_job_id.is_(None),
+        gpus.healthy.is_(True),
+        providers.state == ONLINE,
+        providers.suspended_reason.is_(None),
+    ]
 
 
 async def release(session: AsyncSession, job_id: str) -> int:
@@ -162,10 +167,7 @@ async def reserve_exact(session: AsyncSession, wanted: list[Wanted]) -> dict[str
             & (gpus.model == asked.c.model),
         )
         .where(
-            gpus.reserved_job_id.is_(None),
-            gpus.healthy.is_(True),
-            providers.state == ONLINE,
-            providers.suspended_reason.is_(None),
+            *_reservable(),
             asked.c.max_price.is_(None) | (gpus.price_per_hour <= asked.c.max_price),
         )
         .order_by(gpus.id)

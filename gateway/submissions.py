@@ -62,14 +62,17 @@ class SubmissionBatcher:
         self._arrived = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._wakes: set[asyncio.Task] = set()
+        self._stopping = False
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="submission-batcher")
 
     async def stop(self) -> None:
-        """Stops taking submissions; those not yet committed are answered 503."""
+        """Stops taking submissions: the batch under way is committed and answered, those
+        still waiting are answered 503."""
+        self._stopping = True
+        self._arrived.set()
         if self._task is not None:
-            self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
         # Wake-ups still waiting on NATS are dropped: the scheduler's periodic pass finds
         # the jobs in Postgres anyway.
@@ -83,7 +86,7 @@ class SubmissionBatcher:
 
     async def submit(self, owner_id: str, spec: JobSpec) -> Job:
         """The job as committed, or the submission's own error (InsufficientFunds...)."""
-        if self._task is None or self._task.done():
+        if self._task is None or self._task.done() or self._stopping:
             raise ServiceUnavailable("the gateway is not taking submissions")
         waiting = _Waiting(owner_id, spec)
         self._waiting.append(waiting)
@@ -95,6 +98,8 @@ class SubmissionBatcher:
     async def _run(self) -> None:
         while True:
             await self._arrived.wait()
+            if self._stopping:
+                return
             batch, self._waiting = self._waiting[: self.max_batch], self._waiting[self.max_batch :]
             if not self._waiting:
                 self._arrived.clear()

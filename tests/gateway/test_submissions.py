@@ -183,3 +183,17 @@ async def test_commits_do_not_wait_for_nats(db: async_sessionmaker) -> None:
             await batcher.stop()
     async with db() as session:
         assert len((await session.scalars(select(Job.id))).all()) == 3
+
+
+async def test_stopping_answers_the_batch_under_way(
+    db: async_sessionmaker, batcher: SubmissionBatcher
+) -> None:
+    owner = await funded(db, Decimal(100))
+    under_way = [asyncio.create_task(batcher.submit(owner, spec())) for _ in range(5)]
+    await asyncio.sleep(0.005)  # taken by the batcher, its transaction begun
+    async with asyncio.timeout(10):
+        await batcher.stop()
+        answers = await asyncio.gather(*under_way)
+    assert all(isinstance(a, Job) for a in answers)
+    with pytest.raises(ServiceUnavailable):
+        await batcher.submit(owner, spec())

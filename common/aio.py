@@ -1,22 +1,11 @@
 """Small asyncio helpers shared by the workers."""
 
 import asyncio
-from collections.abc import Awaitable, Callable, Coroutine, Hashable
+from collections.abc import Awaitable, Callable, Hashable
 from functools import partial
-from typing import Any, Generic, TypeVar
+from typing import Generic, TypeVar
 
 T = TypeVar("T")
-
-
-def run(main: Coroutine[Any, Any, T]) -> T:
-    """asyncio.run on uvloop where it is installed (uvicorn[standard] brings it, and the
-    HTTP services already run on it): a worker's Postgres and NATS traffic costs less
-    CPU on its C event loop than on asyncio's own."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(main)
-    return uvloop.run(main)
 
 
 async def wait_event(event: asyncio.Event, seconds: float) -> bool:

@@ -109,6 +109,8 @@ async def _check_inputs(
             if not is_uuid(item.file_id):
                 raise Invalid(f"file {item.file_id} not found", field=field)
             first_use.setdefault(item.file_id, field)
+    if not first_use:
+        return
     in_flight = asyncio.Semaphore(FILE_CHECKS_IN_FLIGHT)
 
     async def exists(file_id: str) -> bool:

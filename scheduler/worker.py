@@ -23,7 +23,7 @@ from pydantic import ValidationError
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from billing.metrics import count_charges
-from common import aio, subjects
+from common import subjects
 from common.aio import wait_event
 from common.db import check_database, make_engine, make_sessionmaker
 from common.embedded_server import EmbeddedServer
@@ -441,7 +441,14 @@ async def _on_reconnected() -> None:
 
 
 def main() -> None:
-    aio.run(run(SchedulerSettings()))
+    # uvloop (uvicorn[standard] brings it, and the HTTP services already run on it): the
+    # scheduler's Postgres and NATS traffic costs less CPU on its C event loop.
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(run(SchedulerSettings()))
+    else:
+        uvloop.run(run(SchedulerSettings()))
 
 
 if __name__ == "__main__":

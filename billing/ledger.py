@@ -5,11 +5,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from decimal import Decimal
 
-from sqlalchemy import Integer, Numeric, String, bindparam, func, select
-from sqlalchemy.dialects.postgresql import ARRAY, insert
+from sqlalchemy import String, select
+from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from billing.models import Account, Entry, Transfer
+from common.db import array_rows, insert_rows
 
 AccountKey = tuple[str, str]  # (kind, owner_id)
 
@@ -45,15 +46,11 @@ async def lock(session: AsyncSession, keys: Iterable[AccountKey]) -> Locked:
     """Locks these accounts, opening the ones that don't exist yet, always in id order so
     that concurrent writers never deadlock. One query when they all exist (the usual case)."""
     wanted = sorted(set(keys))
-    # Two arrays, not an IN list of pairs: the same statement text for any number of
-    # accounts, so asyncpg prepares it once.
-    asked = (
-        func.unnest(
-            bindparam("kinds", [k for k, _ in wanted], ARRAY(String)),
-            bindparam("owners", [o for _, o in wanted], ARRAY(String)),
-        )
-        .table_valued("kind", "owner_id")
-        .render_derived(name="asked")
+    # Arrays, not an IN list of pairs: one statement text for any number of accounts.
+    asked = array_rows(
+        "asked",
+        kind=(String, [k for k, _ in wanted]),
+        owner_id=(String, [o for _, o in wanted]),
     )
     query = (
         select(Account.id, Account.kind, Account.owner_id, Account.balance)
@@ -85,47 +82,27 @@ async def post(session: AsyncSession, postings: list[Posting]) -> list[Posting]:
     for p in postings:
         if p.amount < 0 or p.source == p.target:
             raise ValueError(f"transfer {p.key}: amount must be positive between two accounts")
-    # Arrays unnested, not a VALUES list: one statement text (one prepared statement)
-    # whatever the number of postings. (An executemany with ON CONFLICT and RETURNING
-    # would go row by row.)
-    columns = {
-        "key": String,
-        "kind": String,
-        "amount": Numeric(20, 6),
-        "job_id": String,
-        "attempt": Integer,
-        "provider_id": String,
-        "gpu_model": String,
-        "memo": String,
-    }
-    given = (
-        func.unnest(
-            *(
-                bindparam(name, [getattr(p, name) for p in postings], ARRAY(kind))
-                for name, kind in columns.items()
-            )
-        )
-        .table_valued(*columns)
-        .render_derived(name="given")
-    )
+    # Arrays, not a VALUES list: one statement text whatever the number of postings.
+    # (An executemany with ON CONFLICT and RETURNING would go row by row.)
+    columns = ("key", "kind", "amount", "job_id", "attempt", "provider_id", "gpu_model", "memo")
     rows = await session.execute(
-        insert(Transfer)
-        .from_select(list(columns), select(given))
+        insert_rows(Transfer.__table__, [{c: getattr(p, c) for c in columns} for p in postings])
         .on_conflict_do_nothing(index_elements=["key"])
         .returning(Transfer.id, Transfer.key)
     )
     new = {r.key: r.id for r in rows}
     posted = [p for p in postings if p.key in new]
     if posted:
+        # One statement, not an executemany: the balance trigger runs per statement, and
+        # an executemany would update the same few accounts once per entry.
         await session.execute(
-            insert(Entry),
-            [
-                leg
-                for p in posted
-                for leg in (
-                    {"transfer_id": new[p.key], "account_id": p.source, "amount": -p.amount},
-                    {"transfer_id": new[p.key], "account_id": p.target, "amount": p.amount},
-                )
-            ],
+            insert_rows(
+                Entry.__table__,
+                [
+                    {"transfer_id": new[p.key], "account_id": account, "amount": amount}
+                    for p in posted
+                    for account, amount in ((p.source, -p.amount), (p.target, p.amount))
+                ],
+            )
         )
     return posted

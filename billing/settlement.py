@@ -10,13 +10,14 @@ from datetime import datetime
 from decimal import Decimal
 
 from sqlalchemy import BindParameter, String, any_, bindparam, func, select
-from sqlalchemy.dialects.postgresql import ARRAY, insert
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from billing import amounts, ledger
 from billing.metering import meter
 from billing.models import AVAILABLE, EARNINGS, FEES, HELD, PLATFORM, Entry, Transfer, Usage
 from billing.settings import BillingSettings
+from common.db import insert_rows
 from provider_registry.models import Provider
 
 log = logging.getLogger(__name__)
@@ -211,8 +212,7 @@ async def _record(session: AsyncSession, usages: list[dict]) -> set[tuple[str, i
     if not usages:
         return set()
     rows = await session.execute(
-        insert(Usage)
-        .values(usages)
+        insert_rows(Usage.__table__, usages)
         .on_conflict_do_nothing(index_elements=["job_id", "attempt"])
         .returning(Usage.job_id, Usage.attempt)
     )

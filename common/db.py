@@ -1,11 +1,17 @@
-"""The declarative base shared by every service's tables, and the engine factory."""
+"""The declarative base shared by every service's tables, the engine factory, and rows
+passed to a statement as arrays."""
+
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from prometheus_client import Counter
-from sqlalchemy import MetaData, event
+from sqlalchemy import MetaData, Table, bindparam, event, func, select
+from sqlalchemy.dialects.postgresql import ARRAY, Insert, insert
 from sqlalchemy.engine import Dialect, ExceptionContext
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase
+from sqlalchemy.sql.selectable import TableValuedAlias
 
 # Stable constraint names, so Alembic migrations can refer to them.
 NAMING_CONVENTION = {
@@ -66,3 +72,32 @@ async def check_database(engine: AsyncEngine) -> None:
 
     async with engine.connect() as conn:
         await conn.execute(text("SELECT 1"))
+
+
+def array_rows(name: str, **columns: tuple[Any, Sequence[Any]]) -> TableValuedAlias:
+    """Rows given as one array per column (`column=(type, values)`), as a derived table
+    named `name` (Postgres unnest).
+
+    Why not a VALUES list or an executemany: a VALUES list changes the statement's text
+    with its length, so SQLAlchemy compiles and asyncpg prepares it again for every size;
+    an executemany runs once per row, statement triggers included. Arrays keep one text
+    whatever the number of rows.
+    """
+    return (
+        func.unnest(
+            *(
+                bindparam(f"{name}_{column}", values, ARRAY(type_))
+                for column, (type_, values) in columns.items()
+            )
+        )
+        .table_valued(*columns)
+        .render_derived(name=name)
+    )
+
+
+def insert_rows(table: Table, rows: Sequence[Mapping[str, Any]]) -> Insert:
+    """INSERT ... SELECT of `rows` (dicts with the same keys) through array_rows, with the
+    table's own column types: one statement and one text for any number of rows."""
+    columns = list(rows[0])
+    given = array_rows("given", **{c: (table.c[c].type, [row[c] for row in rows]) for c in columns})
+    return insert(table).from_select(columns, select(given))

@@ -11,10 +11,11 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from decimal import Decimal
 
-from sqlalchemy import ColumnElement, Numeric, Row, String, any_, bindparam, func, select, update
+from sqlalchemy import ColumnElement, Numeric, Row, String, any_, bindparam, select, update
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from common.db import array_rows
 from provider_registry.models import ONLINE, Gpu, Provider
 
 
@@ -144,18 +145,14 @@ async def reserve_exact(session: AsyncSession, wanted: list[Wanted]) -> dict[str
         return {}
     gpus, providers = Gpu.__table__.c, Provider.__table__.c
     flat = [(w, uuid) for w in wanted for uuid in w.gpu_uuids]
-    # Arrays, not a VALUES list: one statement text (one prepared statement) whatever
-    # the number of GPUs.
-    asked = (
-        func.unnest(
-            bindparam("job_ids", [w.job_id for w, _ in flat], ARRAY(String)),
-            bindparam("provider_ids", [w.provider_id for w, _ in flat], ARRAY(String)),
-            bindparam("models", [w.model for w, _ in flat], ARRAY(String)),
-            bindparam("uuids", [uuid for _, uuid in flat], ARRAY(String)),
-            bindparam("max_prices", [w.max_price_per_hour for w, _ in flat], ARRAY(Numeric(12, 6))),
-        )
-        .table_valued("job_id", "provider_id", "model", "uuid", "max_price")
-        .render_derived(name="asked")
+    # Arrays, not a VALUES list: one statement text whatever the number of GPUs.
+    asked = array_rows(
+        "asked",
+        job_id=(String, [w.job_id for w, _ in flat]),
+        provider_id=(String, [w.provider_id for w, _ in flat]),
+        model=(String, [w.model for w, _ in flat]),
+        uuid=(String, [uuid for _, uuid in flat]),
+        max_price=(Numeric(12, 6), [w.max_price_per_hour for w, _ in flat]),
     )
     free = (
         select(gpus.id, asked.c.job_id)

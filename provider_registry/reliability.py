@@ -27,9 +27,10 @@ from sqlalchemy import (
     text,
     update,
 )
-from sqlalchemy.dialects.postgresql import ARRAY, insert
+from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from common.db import array_rows
 from provider_registry.models import LEFT, Provider, ProviderOutage, ProviderTaskDay
 
 PRIOR = 5.0
@@ -57,14 +58,11 @@ async def record_task_outcomes(
     # One row per provider (an upsert may not touch a row twice), in id order so that
     # concurrent writers lock them in one order. Arrays keep one statement text.
     providers = sorted(ok.keys() | infra.keys())
-    rows = (
-        func.unnest(
-            bindparam("providers", providers, ARRAY(String)),
-            bindparam("oks", [ok[p] for p in providers], ARRAY(Integer)),
-            bindparam("infras", [infra[p] for p in providers], ARRAY(Integer)),
-        )
-        .table_valued("provider_id", "ok", "infrastructure")
-        .render_derived(name="counts")
+    rows = array_rows(
+        "counts",
+        provider_id=(String, providers),
+        ok=(Integer, [ok[p] for p in providers]),
+        infrastructure=(Integer, [infra[p] for p in providers]),
     )
     stmt = insert(ProviderTaskDay).from_select(
         ["provider_id", "day", "ok", "infrastructure"],

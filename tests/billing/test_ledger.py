@@ -7,7 +7,7 @@ from decimal import Decimal
 import pytest
 from sqlalchemy import func, select, text, update
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.ext.asyncio import async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from billing import funding, ledger
 from billing.holds import Hold, InsufficientFunds, place_holds
@@ -109,3 +109,28 @@ async def test_holds_that_are_not_covered_write_nothing(db: async_sessionmaker) 
     async with db() as session:
         money = await balance(session, owner)
     assert (money.available, money.held) == (Decimal(2), Decimal(8))
+
+
+async def test_many_postings_update_each_account_once(db: async_sessionmaker) -> None:
+    """One statement for all the entries: the balance trigger runs once per statement, so
+    fifty transfers between two accounts update each of them once, not fifty times."""
+    owner = await credited(db, "100")
+    async with db.begin() as session:
+        locked = await ledger.lock(session, [(AVAILABLE, owner), (HELD, owner)])
+        source, target = locked.ids[(AVAILABLE, owner)], locked.ids[(HELD, owner)]
+        before = await _accounts_updated(session)
+        postings = [
+            ledger.Posting(f"{owner}-{i}", "hold", source, target, Decimal("0.5"))
+            for i in range(50)
+        ]
+        assert len(await ledger.post(session, postings)) == 50
+        assert await _accounts_updated(session) - before == 2
+    async with db() as session:
+        assert (await balance(session, owner)).available == Decimal(75)
+        assert (await balance(session, owner)).held == Decimal(25)
+
+
+async def _accounts_updated(session: AsyncSession) -> int:
+    """Rows of billing_accounts this transaction updated (or locked) so far."""
+    query = "SELECT n_tup_upd FROM pg_stat_xact_user_tables WHERE relname = 'billing_accounts'"
+    return int(await session.scalar(text(query)))

@@ -39,7 +39,7 @@ internal = APIRouter(prefix="/internal")
 Db = Depends(get_sessionmaker)
 
 
-def _settings(request: Request) -> AuthSettings:
+async def _settings(request: Request) -> AuthSettings:
     return request.app.state.settings
 
 

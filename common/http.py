@@ -150,10 +150,11 @@ def _route(scope: Scope) -> str:
     return getattr(scope.get("route"), "path", "unmatched")
 
 
-def internal_auth_dependency(expected_token: str) -> Callable[[str | None], None]:
-    """A dependency that admits only callers holding the services' internal token."""
+def internal_auth_dependency(expected_token: str) -> Callable[[str | None], Awaitable[None]]:
+    """A dependency that admits only callers holding the services' internal token (async:
+    a plain def would run in the thread pool on every internal call)."""
 
-    def check(x_internal_token: str | None = Header(default=None)) -> None:
+    async def check(x_internal_token: str | None = Header(default=None)) -> None:
         if x_internal_token is None or not hmac.compare_digest(
             x_internal_token.encode(), expected_token.encode()
         ):

@@ -16,8 +16,9 @@ Hook = Callable[[FastAPI], Awaitable[None]]
 HealthCheck = Callable[[FastAPI], Awaitable[None]]
 
 
-def get_sessionmaker(request: Request) -> async_sessionmaker:
-    """Route dependency: the sessionmaker of the service's database."""
+async def get_sessionmaker(request: Request) -> async_sessionmaker:
+    """Route dependency: the sessionmaker of the service's database (async: a plain def
+    would run in the thread pool)."""
     return request.app.state.sessionmaker
 
 

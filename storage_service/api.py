@@ -23,7 +23,7 @@ internal = APIRouter(prefix="/internal")
 Db = Depends(get_sessionmaker)
 
 
-def _store(request: Request) -> ObjectStore:
+async def _store(request: Request) -> ObjectStore:
     return request.app.state.store
 
 

@@ -1,4 +1,8 @@
-"""Shared route dependencies: the app's clients and connections."""
+"""Shared route dependencies: the app's clients and connections.
+
+All `async def`: FastAPI runs a plain `def` dependency in its thread pool, a thread hop
+per dependency per request for what is an attribute lookup.
+"""
 
 from collections.abc import Awaitable, Callable
 
@@ -16,38 +20,38 @@ from gateway.submissions import SubmissionBatcher
 db = get_sessionmaker
 
 
-def js(request: Request) -> JetStreamContext:
+async def js(request: Request) -> JetStreamContext:
     return request.app.state.js
 
 
-def nc(request: Request) -> NatsClient:
+async def nc(request: Request) -> NatsClient:
     return request.app.state.nc
 
 
-def auth(request: Request) -> ServiceClient:
+async def auth(request: Request) -> ServiceClient:
     return request.app.state.auth
 
 
-def storage(request: Request) -> ServiceClient:
+async def storage(request: Request) -> ServiceClient:
     return request.app.state.storage
 
 
-def registry(request: Request) -> ServiceClient:
+async def registry(request: Request) -> ServiceClient:
     return request.app.state.registry
 
 
-def submissions(request: Request) -> SubmissionBatcher:
+async def submissions(request: Request) -> SubmissionBatcher:
     return request.app.state.submissions
 
 
-def billing(request: Request) -> BillingSettings:
+async def billing(request: Request) -> BillingSettings:
     return request.app.state.settings
 
 
 AuthChanged = Callable[[Change], Awaitable[None]]
 
 
-def auth_changed(request: Request) -> AuthChanged:
+async def auth_changed(request: Request) -> AuthChanged:
     """Call after a revocation: drops the cached answers it concerns on every replica."""
 
     async def changed(change: Change) -> None:

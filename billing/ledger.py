@@ -5,7 +5,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from decimal import Decimal
 
-from sqlalchemy import String, select
+from sqlalchemy import Select, String, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -42,22 +42,32 @@ class Locked:
         return self.balances[self.ids[key]]
 
 
-async def lock(session: AsyncSession, keys: Iterable[AccountKey]) -> Locked:
-    """Locks these accounts, opening the ones that don't exist yet, always in id order so
-    that concurrent writers never deadlock. One query when they all exist (the usual case)."""
-    wanted = sorted(set(keys))
+def _accounts(wanted: list[AccountKey]) -> Select:
     # Arrays, not an IN list of pairs: one statement text for any number of accounts.
     asked = array_rows(
         "asked",
         kind=(String, [k for k, _ in wanted]),
         owner_id=(String, [o for _, o in wanted]),
     )
-    query = (
+    return (
         select(Account.id, Account.kind, Account.owner_id, Account.balance)
         .join(asked, (Account.kind == asked.c.kind) & (Account.owner_id == asked.c.owner_id))
         .order_by(Account.id)
-        .with_for_update(of=Account)
     )
+
+
+async def account_ids(session: AsyncSession, keys: Iterable[AccountKey]) -> dict[AccountKey, int]:
+    """The ids of those of these accounts that exist, without locking them."""
+    wanted = sorted(set(keys))
+    rows = (await session.execute(_accounts(wanted))).all() if wanted else []
+    return {(r.kind, r.owner_id): r.id for r in rows}
+
+
+async def lock(session: AsyncSession, keys: Iterable[AccountKey]) -> Locked:
+    """Locks these accounts, opening the ones that don't exist yet, always in id order so
+    that concurrent writers never deadlock. One query when they all exist (the usual case)."""
+    wanted = sorted(set(keys))
+    query = _accounts(wanted).with_for_update(of=Account)
     rows = (await session.execute(query)).all() if wanted else []
     if len(rows) < len(wanted):
         found = {(r.kind, r.owner_id) for r in rows}

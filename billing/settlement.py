@@ -68,24 +68,30 @@ async def settle(
     finished: list[FinishedJob] = (),  # type: ignore[assignment]
 ) -> list[Charged]:
     """Charges the ended attempts, then releases what is left of the finished jobs' holds.
-    The caller holds the jobs' row locks; the accounts are locked here, in id order."""
+    The caller holds the jobs' row locks; the accounts are locked here, in id order, as
+    late as can be: every submission and settlement of a requester goes through the same
+    two account rows, and their lock is held until the commit."""
     ended = await _not_settled(session, ended)
     if not ended and not finished:
         return []
     owners = await _provider_owners(session, {a.provider_id for a in ended})
+    jobs = {a.job_id: a.owner_id for a in ended} | {f.job_id: f.owner_id for f in finished}
+    held = await ledger.account_ids(session, {(HELD, owner) for owner in jobs.values()})
+    # A job with a hold has its owner's `held` account; .get covers a row gone missing.
+    left = await _held_per_job(
+        session, {job: held.get((HELD, owner)) for job, owner in jobs.items()}
+    )
+    # A provider row is never deleted; the fallback only keeps a bad row from blocking.
+    usages = [_usage(a, owners.get(a.provider_id, a.provider_id), left, settings) for a in ended]
+    new = await _record(session, usages)
+
     keys: set[ledger.AccountKey] = {(FEES, PLATFORM)} if ended else set()
     for a in ended:
         keys |= {(HELD, a.owner_id), (EARNINGS, owners.get(a.provider_id, a.provider_id))}
     for f in finished:
         keys |= {(HELD, f.owner_id), (AVAILABLE, f.owner_id)}
     ids = (await ledger.lock(session, keys)).ids
-    jobs = {a.job_id: a.owner_id for a in ended} | {f.job_id: f.owner_id for f in finished}
-    left = await _held_per_job(session, {job: ids[(HELD, owner)] for job, owner in jobs.items()})
-
     charged = []
-    # A provider row is never deleted; the fallback only keeps a bad row from blocking.
-    usages = [_usage(a, owners.get(a.provider_id, a.provider_id), left, settings) for a in ended]
-    new = await _record(session, usages)
     postings = []
     for u in usages:
         job_id, attempt = u["job_id"], u["attempt"]
@@ -230,8 +236,11 @@ async def _provider_owners(session: AsyncSession, provider_ids: set[str]) -> dic
     return {r.id: r.owner_id for r in rows}
 
 
-async def _held_per_job(session: AsyncSession, held_account: dict[str, int]) -> dict[str, Decimal]:
-    """What each job still has on hold: its hold, less what was charged or released."""
+async def _held_per_job(
+    session: AsyncSession, held_account: dict[str, int | None]
+) -> dict[str, Decimal]:
+    """What each job still has on hold: its hold, less what was charged or released. The
+    caller locks the jobs, so no other transaction moves this money meanwhile."""
     left = {job: Decimal(0) for job in held_account}
     if not held_account:
         return left

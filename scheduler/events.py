@@ -21,10 +21,12 @@ from datetime import datetime
 from sqlalchemy import String, any_, bindparam, func, inspect, select
 from sqlalchemy.dialects.postgresql import ARRAY, insert
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import defer
 from sqlalchemy.orm.attributes import flag_modified
 
+from billing import settlement
 from billing.settings import BillingSettings
-from billing.settlement import Charged, EndedAttempt
+from billing.settlement import Charged, EndedAttempt, FinishedJob
 from common.messages import JobEvent
 from provider_registry import capacity, reliability
 from scheduler import settling, states
@@ -70,13 +72,9 @@ async def apply_events(
 ) -> tuple[list[Effect], list[Charged]]:
     """Applies (event, seen_at) pairs in order, then settles in the same transaction
     what they ended: the money moves with the state, never apart from it."""
-    effects, now = await _apply(session, events, policy)
-    charged = await settling.settle(
-        session,
-        billing,
-        [effect.job for effect in effects if effect.job is not None],
-        [effect.ended for effect in effects],
-        now=now,
+    effects, finished = await _apply(session, events, policy, settle=True)
+    charged = await settlement.settle(
+        session, billing, [e.ended for e in effects if e.ended is not None], finished
     )
     return effects, charged
 
@@ -89,7 +87,7 @@ async def apply_event(
 ) -> Effect:
     """One event, as a batch of its own, without settlement. `seen_at`: when the platform
     received the event (JetStream's clock); metering checks the daemon's times against it."""
-    [effect], _ = await _apply(session, [(event, seen_at)], policy)
+    [effect], _ = await _apply(session, [(event, seen_at)], policy, settle=False)
     return effect
 
 
@@ -112,14 +110,22 @@ class _Writes:
 
 
 async def _apply(
-    session: AsyncSession, events: list[tuple[JobEvent, datetime | None]], policy: RetryPolicy
-) -> tuple[list[Effect], datetime | None]:
+    session: AsyncSession,
+    events: list[tuple[JobEvent, datetime | None]],
+    policy: RetryPolicy,
+    settle: bool,
+) -> tuple[list[Effect], list[FinishedJob]]:
+    """Applies the events; with `settle`, also marks the jobs they ended for good as
+    settled (in the same UPDATE) and returns them for the caller to settle."""
     jobs, now = await _lock_jobs(session, {event.job_id for event, _ in events})
     writes = _Writes(now)
     effects = [
         await _apply_one(session, writes, index, jobs.get(event.job_id), event, seen_at, policy)
         for index, (event, seen_at) in enumerate(events)
     ]
+    finished = (
+        settling.mark_finished([e.job for e in effects if e.job is not None], now) if settle else []
+    )
     await _flush_jobs(session, jobs.values())
     freed = await capacity.release_many(session, set(writes.releases.values()))
     for index, job_id in writes.releases.items():
@@ -129,7 +135,11 @@ async def _apply(
     if writes.outputs:
         await session.execute(insert(JobOutput.__table__).on_conflict_do_nothing(), writes.outputs)
     await reliability.record_task_outcomes(session, writes.outcomes)
-    return effects, now
+    return effects, finished
+
+
+# Columns events never read: they stay in the database (and out of the JSON decoder).
+_PLACEMENT_ONLY = (Job.image, Job.command, Job.env, Job.inputs, Job.gpu_models, Job.labels)
 
 
 async def _lock_jobs(
@@ -145,6 +155,8 @@ async def _lock_jobs(
             # Byte order, like Python's sorted(), which lifecycle's writers lock in.
             .order_by(Job.id.collate("C"))
             .with_for_update()
+            # Touching one of those raises instead of loading it quietly.
+            .options(*(defer(column, raiseload=True) for column in _PLACEMENT_ONLY))
             .execution_options(populate_existing=True)
         )
     ).all()
@@ -274,6 +286,7 @@ _EVENT_COLUMNS = (
     "started_seen_at",
     "stop_requested_at",
     "finished_at",
+    "settled_at",
 )
 
 

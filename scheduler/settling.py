@@ -1,7 +1,7 @@
 """The scheduler's side of billing: what a job holds at submission, which attempt ended
 how, and settling finished jobs in the same transaction that ended them."""
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from datetime import datetime
 from decimal import Decimal
 
@@ -66,8 +66,9 @@ def ended_attempt(
     )
 
 
-def _finished(jobs: list[Job], now: datetime | None) -> list[settlement.FinishedJob]:
-    """Jobs that ended for good and are not settled yet; marks them settled."""
+def mark_finished(jobs: Iterable[Job], now: datetime | None) -> list[settlement.FinishedJob]:
+    """Jobs that ended for good and are not settled yet; marks them settled (the caller
+    settles them in the same transaction)."""
     done = []
     for job in jobs:
         if (
@@ -93,7 +94,7 @@ async def settle(
     `now`: the transaction's time (Postgres `now()`) when the caller has read it; a value
     instead of the SQL function lets the ORM write many jobs in one UPDATE."""
     return await settlement.settle(
-        session, settings, [a for a in ended if a is not None], _finished(jobs, now)
+        session, settings, [a for a in ended if a is not None], mark_finished(jobs, now)
     )
 
 

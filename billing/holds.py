@@ -49,12 +49,10 @@ def hold_amount(
 async def place_holds(session: AsyncSession, owner_id: str, holds: list[Hold]) -> None:
     """Moves each job's hold from the owner's available credits to held, or refuses the
     whole submission with a 402 saying how much is missing (nothing is written)."""
-    locked = await ledger.lock(session, [(AVAILABLE, owner_id), (HELD, owner_id)])
-    available = locked.balance((AVAILABLE, owner_id))
-    required = sum((h.amount for h in holds), Decimal(0))
-    if required > available:
-        raise InsufficientFunds(required, available)
-    await ledger.post(session, [_hold_posting(locked, owner_id, h) for h in holds])
+    admission = await admit_holds(session, [(owner_id, holds)])
+    if admission.refusals[0] is not None:
+        raise admission.refusals[0]
+    await ledger.post(session, admission.postings)
 
 
 @dataclass(frozen=True)
@@ -66,10 +64,11 @@ class Admission:
     postings: list[ledger.Posting]
 
 
-async def admit_holds(session: AsyncSession, wanted: list[tuple[str, Hold]]) -> Admission:
-    """Decides many (owner_id, hold) submissions at once, in their order, exactly as if
-    each had been placed alone one after the other: one lock query for every owner, and
-    a submission its owner's remaining credits don't cover is refused on its own."""
+async def admit_holds(session: AsyncSession, wanted: list[tuple[str, list[Hold]]]) -> Admission:
+    """Decides many submissions, each (owner_id, the holds of its jobs), at once and in
+    their order, exactly as if each had been placed alone one after the other: one lock
+    query for every owner, and a submission its owner's remaining credits don't cover
+    is refused whole (a job array is all or nothing) and on its own."""
     owners = {owner_id for owner_id, _ in wanted}
     locked = await ledger.lock(
         session, [key for o in owners for key in ((AVAILABLE, o), (HELD, o))]
@@ -77,13 +76,14 @@ async def admit_holds(session: AsyncSession, wanted: list[tuple[str, Hold]]) -> 
     left = {o: locked.balance((AVAILABLE, o)) for o in owners}
     refusals: list[InsufficientFunds | None] = []
     postings = []
-    for owner_id, hold in wanted:
-        if hold.amount > left[owner_id]:
-            refusals.append(InsufficientFunds(hold.amount, left[owner_id]))
+    for owner_id, holds in wanted:
+        required = sum((h.amount for h in holds), Decimal(0))
+        if required > left[owner_id]:
+            refusals.append(InsufficientFunds(required, left[owner_id]))
             continue
-        left[owner_id] -= hold.amount
+        left[owner_id] -= required
         refusals.append(None)
-        postings.append(_hold_posting(locked, owner_id, hold))
+        postings += [_hold_posting(locked, owner_id, hold) for hold in holds]
     return Admission(refusals, postings)
 
 

@@ -11,7 +11,6 @@ from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
-from billing.settings import BillingSettings
 from common import subjects
 from common.errors import Invalid
 from common.ids import is_uuid
@@ -19,7 +18,7 @@ from common.messages import LogBatch, PullProgress
 from gateway.clients import ServiceClient, ServiceUnavailable, UpstreamError
 from gateway.schemas import JobArrayOut, JobArrayRequest, LogLine, StreamEnd
 from gateway.storage import UsageCache, presign
-from gateway.submissions import SubmissionBatcher, wake_scheduler
+from gateway.submissions import SubmissionBatcher
 from scheduler import job_store, states
 from scheduler.models import Job
 from scheduler.schemas import JobOut, JobSpec
@@ -48,22 +47,16 @@ async def submit_job(
 
 
 async def submit_array(
-    db: async_sessionmaker,
-    js: JetStreamContext,
-    storage: ServiceClient,
-    owner_id: str,
-    body: JobArrayRequest,
-    billing: BillingSettings,
+    batcher: SubmissionBatcher, storage: ServiceClient, owner_id: str, body: JobArrayRequest
 ) -> JobArrayOut:
-    """Stores a whole job array with its holds or nothing, then publishes one wake-up."""
+    """Stores a whole job array with its holds or nothing (committed together with the
+    other submissions of the moment), and wakes the scheduler."""
     specs, named = _array_specs(body)
     await _check_storage_quota(storage, owner_id)
     await _check_inputs(storage, owner_id, named)
-    async with db.begin() as session:
-        array_id, created = await job_store.create_array(session, owner_id, specs, billing)
-    await wake_scheduler(
-        js, created[0].id, subjects.msg_id(array_id, 0, "array"), {"array_id": array_id}
-    )
+    created = await batcher.submit_array(owner_id, specs)
+    array_id = created[0].array_id
+    assert array_id is not None
     log.info(
         "job array submitted",
         extra={"array_id": array_id, "count": len(created), "owner_id": owner_id},

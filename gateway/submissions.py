@@ -1,4 +1,4 @@
-"""Group commit of single-job submissions.
+"""Group commit of submissions: single jobs and job arrays.
 
 Each POST /v1/jobs used to pay for its own transaction: a pool checkout, the account
 lock, the job insert, the hold's transfer and entries, the commit, and a JetStream
@@ -6,6 +6,10 @@ publish. Under load that is most of the gateway's and Postgres' work per job. He
 requests that arrive while one transaction is in flight wait for the next one and share
 it: one lock query for all their owners, one multi-row insert, one commit, one wake-up.
 No request waits for a timer: a lone request is committed at once, as before.
+
+Arrays share it too: every transaction that moves a requester's money locks that
+requester's two account rows until it commits, so 32 arrays in flight at once were 32
+transactions queued on one lock, with the scheduler's settlements waiting behind them.
 
 Each request keeps its own answer. A requester whose credits don't cover a job gets
 its 402 alone (decided in arrival order, as one-by-one submissions would be), and a
@@ -31,15 +35,15 @@ from scheduler.schemas import JobSpec
 
 log = logging.getLogger(__name__)
 
-# Submissions committed together at most: a bigger batch holds its first request longer.
-MAX_BATCH = 200
+# Jobs committed together at most (a submission is never split; an array of more jobs
+# than this goes alone): a bigger batch holds its first request longer.
+MAX_BATCH = 2_000
 
 
 @dataclass
 class _Waiting:
-    owner_id: str
-    spec: JobSpec
-    answer: asyncio.Future[Job] = field(
+    submission: job_store.Submission
+    answer: asyncio.Future[list[Job]] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
 
@@ -86,21 +90,40 @@ class SubmissionBatcher:
 
     async def submit(self, owner_id: str, spec: JobSpec) -> Job:
         """The job as committed, or the submission's own error (InsufficientFunds...)."""
+        [job] = await self._submit(job_store.Submission(owner_id, [spec]))
+        return job
+
+    async def submit_array(self, owner_id: str, specs: list[JobSpec]) -> list[Job]:
+        """A job array's jobs as committed, all or none."""
+        return await self._submit(job_store.Submission(owner_id, specs, array=True))
+
+    async def _submit(self, submission: job_store.Submission) -> list[Job]:
         if self._task is None or self._task.done() or self._stopping:
             raise ServiceUnavailable("the gateway is not taking submissions")
-        waiting = _Waiting(owner_id, spec)
+        waiting = _Waiting(submission)
         self._waiting.append(waiting)
         self._arrived.set()
         # A caller that goes away leaves its submission to be committed all the same:
-        # the job may already be in the transaction under way.
+        # the jobs may already be in the transaction under way.
         return await asyncio.shield(waiting.answer)
+
+    def _next_batch(self) -> list[_Waiting]:
+        """The first waiting submissions, up to max_batch jobs (at least one submission)."""
+        count = jobs = 0
+        for waiting in self._waiting:
+            jobs += len(waiting.submission.specs)
+            if count and jobs > self.max_batch:
+                break
+            count += 1
+        batch, self._waiting = self._waiting[:count], self._waiting[count:]
+        return batch
 
     async def _run(self) -> None:
         while True:
             await self._arrived.wait()
             if self._stopping:
                 return
-            batch, self._waiting = self._waiting[: self.max_batch], self._waiting[self.max_batch :]
+            batch = self._next_batch()
             if not self._waiting:
                 self._arrived.clear()
             if batch:
@@ -122,7 +145,7 @@ class SubmissionBatcher:
             return
         for waiting, result in zip(batch, results, strict=True):
             _answer(waiting, result)
-        created = [r for r in results if isinstance(r, Job)]
+        created = [job for r in results if isinstance(r, list) for job in r]
         if created:
             first = created[0]
             # Not awaited: the next batch's commit must not wait on NATS (a publish to
@@ -138,14 +161,14 @@ class SubmissionBatcher:
             self._wakes.add(wake)
             wake.add_done_callback(self._wakes.discard)
 
-    async def _commit(self, batch: list[_Waiting]) -> list[Job | InsufficientFunds]:
+    async def _commit(self, batch: list[_Waiting]) -> list[list[Job] | InsufficientFunds]:
         async with self.db.begin() as session:
-            return await job_store.create_jobs(
-                session, [(w.owner_id, w.spec) for w in batch], self.billing
+            return await job_store.create_submissions(
+                session, [w.submission for w in batch], self.billing
             )
 
 
-def _answer(waiting: _Waiting, result: Job | Exception) -> None:
+def _answer(waiting: _Waiting, result: list[Job] | Exception) -> None:
     if waiting.answer.done():
         return
     if isinstance(result, Exception):

@@ -12,7 +12,7 @@ from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from billing import ledger, reports
-from billing.holds import Hold, InsufficientFunds, admit_holds, place_holds
+from billing.holds import InsufficientFunds, admit_holds
 from billing.settings import BillingSettings
 from common.errors import NotFound
 from common.ids import is_uuid
@@ -85,64 +85,73 @@ async def create_job(
     return created
 
 
+@dataclass(frozen=True)
+class Submission:
+    """One request's jobs: a single job, or a job array (all or nothing, each job with
+    the array's id and its index)."""
+
+    owner_id: str
+    specs: list[JobSpec]
+    array: bool = False
+
+
 async def create_jobs(
     session: AsyncSession,
     submissions: list[tuple[str, JobSpec]],
     billing: BillingSettings | None = None,
 ) -> list[Job | InsufficientFunds]:
-    """Inserts many (owner_id, spec) submissions in one go, each its own job with its own
-    hold, in their order: the gateway's group commit of concurrent requests. A submission
-    its owner's credits don't cover gets InsufficientFunds and writes nothing, exactly as
-    if the submissions had come one after the other; the others go in.
+    """Single-job submissions, (owner_id, spec) each, as create_submissions does them."""
+    results = await create_submissions(
+        session, [Submission(owner_id, [spec]) for owner_id, spec in submissions], billing
+    )
+    return [r if isinstance(r, InsufficientFunds) else r[0] for r in results]
 
-    created_at is the transaction's time plus the position in microseconds, so the
-    queue's FIFO order within a priority is the order of arrival.
+
+async def create_submissions(
+    session: AsyncSession,
+    submissions: list[Submission],
+    billing: BillingSettings | None = None,
+) -> list[list[Job] | InsufficientFunds]:
+    """Inserts many submissions in one go, each job with its own hold, in their order:
+    the gateway's group commit of concurrent requests. A submission its owner's credits
+    don't cover gets InsufficientFunds and writes nothing, exactly as if the submissions
+    had come one after the other; the others go in.
+
+    created_at is the transaction's time plus the job's position in microseconds, so the
+    queue's FIFO order within a priority is the order of arrival, and an array's jobs
+    come up in index order.
     """
     start = await session.scalar(select(func.now()))
-    jobs = [new_job(owner_id, spec, billing=billing) for owner_id, spec in submissions]
-    for i, job in enumerate(jobs):
-        job.created_at = start + timedelta(microseconds=i)
-    results: list[Job | InsufficientFunds] = list(jobs)
+    made: list[list[Job]] = []
+    position = 0
+    for submission in submissions:
+        array_id = str(uuid.uuid4()) if submission.array else None
+        jobs = []
+        for index, spec in enumerate(submission.specs):
+            job = new_job(submission.owner_id, spec, array_id, index if array_id else None, billing)
+            job.created_at = start + timedelta(microseconds=position)
+            position += 1
+            jobs.append(job)
+        made.append(jobs)
+    results: list[list[Job] | InsufficientFunds] = list(made)
     postings = []
     if billing is not None:
         # With billing, new_job gave every job its hold.
         admission = await admit_holds(
             session,
-            [(job.owner_id, Hold(job.id, job.hold_amount)) for job in jobs],  # type: ignore[arg-type]
+            [
+                (s.owner_id, settling.holds_of(jobs))
+                for s, jobs in zip(submissions, made, strict=True)
+            ],
         )
         for i, refusal in enumerate(admission.refusals):
             if refusal is not None:
                 results[i] = refusal
         postings = admission.postings
-    session.add_all([r for r in results if isinstance(r, Job)])
+    session.add_all([job for r in results if isinstance(r, list) for job in r])
     await session.flush()
     await ledger.post(session, postings)
     return results
-
-
-async def create_array(
-    session: AsyncSession,
-    owner_id: str,
-    specs: list[JobSpec],
-    billing: BillingSettings | None = None,
-) -> tuple[str, list[Job]]:
-    """Inserts a job array: one job per spec, all with a fresh array id and their index.
-
-    created_at is the transaction's time plus the index in microseconds, so the queue's
-    (priority, created_at, id) order keeps an array's jobs in index order.
-    """
-    array_id = str(uuid.uuid4())
-    start = await session.scalar(select(func.now()))
-    jobs = []
-    for index, spec in enumerate(specs):
-        job = new_job(owner_id, spec, array_id, index, billing)
-        job.created_at = start + timedelta(microseconds=index)
-        jobs.append(job)
-    session.add_all(jobs)
-    await session.flush()
-    if billing is not None:
-        await place_holds(session, owner_id, settling.holds_of(jobs))
-    return array_id, jobs
 
 
 async def get_job(session: AsyncSession, job_id: str, owner_id: str | None = None) -> Job:

@@ -40,14 +40,12 @@ async def submit_job(
 async def submit_job_array(
     body: JobArrayRequest,
     principal: Principal = Requester,
-    db: async_sessionmaker = Depends(deps.db),
-    js: JetStreamContext = Depends(deps.js),
+    batcher: SubmissionBatcher = Depends(deps.submissions),
     storage: ServiceClient = Depends(deps.storage),
-    billing: BillingSettings = Depends(deps.billing),
 ) -> JobArrayOut:
     """A job array: `{"jobs": [spec, ...]}` or `{"template": spec, "count": n}`, up to
     1,000 jobs, accepted all together or not at all (402 if the holds aren't covered)."""
-    return await jobs.submit_array(db, js, storage, principal.id, body, billing)
+    return await jobs.submit_array(batcher, storage, principal.id, body)
 
 
 @router.get("/v1/jobs", response_model=list[JobOut])

@@ -197,3 +197,54 @@ async def test_stopping_answers_the_batch_under_way(
     assert all(isinstance(a, Job) for a in answers)
     with pytest.raises(ServiceUnavailable):
         await batcher.submit(owner, spec())
+
+
+async def test_arrays_share_the_commit_and_are_refused_whole(
+    db: async_sessionmaker, batcher: SubmissionBatcher
+) -> None:
+    # Enough for the single job and one array of 3, not for a second array of 3.
+    owner = await funded(db, HOLD * 5)
+    answers = await asyncio.gather(
+        batcher.submit_array(owner, [spec(), spec(), spec()]),
+        batcher.submit(owner, spec()),
+        batcher.submit_array(owner, [spec(), spec(), spec()]),
+        return_exceptions=True,
+    )
+    array, single, refused = answers
+    assert isinstance(refused, InsufficientFunds)
+    assert (refused.required, refused.available) == (HOLD * 3, HOLD)
+    assert isinstance(array, list) and isinstance(single, Job)
+    assert [job.array_index for job in array] == [0, 1, 2]
+    assert len({job.array_id for job in array}) == 1 and single.array_id is None
+    async with db() as session:
+        stored = {j.id: j for j in (await session.scalars(select(Job))).all()}
+        balance = await reports.balance(session, owner)
+    assert set(stored) == {job.id for job in [*array, single]}
+    # One transaction, in arrival order: the array's jobs in index order, then the single.
+    times = [stored[job.id].created_at for job in [*array, single]]
+    assert all(b - a == timedelta(microseconds=1) for a, b in itertools.pairwise(times))
+    assert (balance.available, balance.held) == (HOLD, HOLD * 4)
+
+
+async def test_a_batch_is_cut_by_jobs_but_never_cuts_a_submission(
+    db: async_sessionmaker, js: JetStreamContext
+) -> None:
+    owner = await funded(db, Decimal(100))
+    batcher = SubmissionBatcher(db, js, BILLING, max_batch=4)
+    batcher.start()
+    try:
+        sizes = [3, 3, 1, 5, 1]
+        created = await asyncio.gather(
+            *(batcher.submit_array(owner, [spec()] * size) for size in sizes)
+        )
+    finally:
+        await batcher.stop()
+    async with db() as session:
+        times = {j.id: j.created_at for j in (await session.scalars(select(Job))).all()}
+    # Each transaction has its own clock: the arrays that shared one are 1 µs apart.
+    together = [
+        times[created[i + 1][0].id] - times[created[i][-1].id] == timedelta(microseconds=1)
+        for i in range(len(created) - 1)
+    ]
+    # 3 | 3+1 | 5 (alone, more than the limit) | 1
+    assert together == [False, True, False, False]

@@ -71,6 +71,9 @@ def prometheus(stack: tuple[Path, int]) -> Iterator[httpx.Client]:
         ],
         stdout=log,
         stderr=subprocess.STDOUT,
+        # Its own process group: stop_process signals the group, and without one it found
+        # none and left prometheus running after the tests.
+        start_new_session=True,
     )
     api = httpx.Client(base_url=f"http://127.0.0.1:{port}/api/v1", timeout=10)
     try:

@@ -120,32 +120,32 @@ class Placer:
 
     async def run_pass(self) -> PassResult:
         now = datetime.now(UTC)
-        # One transaction: the jobs read stay locked (SKIP LOCKED) until the pass commits,
-        # so other replicas read other jobs meanwhile.
-        async with self.sessionmaker.begin() as session:
+        async with self.sessionmaker() as session:
             await self.sync.refresh(session)
             rows = await queue_order.next_jobs(session, now, self.scan)
-            fits: list[Row] = []
-            reasons: dict[str, str] = {}
-            known: dict[Demand, str | None] = {}
-            for row in rows:
-                demand = demand_of(row, self.allow_simulated)
-                if demand not in known:
-                    # Whether it fits now; the reservation below decides for real.
-                    known[demand] = (
-                        None
-                        if self.index.choose(demand) is not None
-                        else (self.index.why_unplaceable(demand) or WAITING_FOR_CAPACITY)
-                    )
-                reason = known[demand]
-                if reason is None and len(fits) < self.batch:
-                    fits.append(row)
-                elif reason is not None and row.waiting_reason != reason:
-                    reasons[row.id] = reason
-            result = PassResult(placements=[], waiting=len(rows) - len(fits))
-            if fits:
+        fits: list[Row] = []
+        reasons: dict[str, str] = {}
+        known: dict[Demand, str | None] = {}
+        for row in rows:
+            demand = demand_of(row, self.allow_simulated)
+            if demand not in known:
+                # Whether it fits now; the commit below decides for real.
+                known[demand] = (
+                    None
+                    if self.index.choose(demand) is not None
+                    else (self.index.why_unplaceable(demand) or WAITING_FOR_CAPACITY)
+                )
+            reason = known[demand]
+            if reason is None and len(fits) < self.batch:
+                fits.append(row)
+            elif reason is not None and row.waiting_reason != reason:
+                reasons[row.id] = reason
+        result = PassResult(placements=[], waiting=len(rows) - len(fits))
+        if fits:
+            async with self.sessionmaker.begin() as session:
                 await self._reserve(session, [r.id for r in fits], result)
-            if reasons:
+        if reasons:
+            async with self.sessionmaker.begin() as session:
                 await _set_waiting_reasons(session, reasons)
         return result
 

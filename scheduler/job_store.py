@@ -74,17 +74,6 @@ def new_job(
     return job
 
 
-async def create_job(
-    session: AsyncSession, owner_id: str, spec: JobSpec, billing: BillingSettings | None = None
-) -> Job:
-    """Inserts the job and, with `billing`, holds its worst-case cost from the owner's
-    credits (InsufficientFunds, a 402, when they don't cover it)."""
-    [created] = await create_jobs(session, [(owner_id, spec)], billing)
-    if isinstance(created, InsufficientFunds):
-        raise created
-    return created
-
-
 @dataclass(frozen=True)
 class Submission:
     """One request's jobs: a single job, or a job array (all or nothing, each job with
@@ -95,16 +84,15 @@ class Submission:
     array: bool = False
 
 
-async def create_jobs(
-    session: AsyncSession,
-    submissions: list[tuple[str, JobSpec]],
-    billing: BillingSettings | None = None,
-) -> list[Job | InsufficientFunds]:
-    """Single-job submissions, (owner_id, spec) each, as create_submissions does them."""
-    results = await create_submissions(
-        session, [Submission(owner_id, [spec]) for owner_id, spec in submissions], billing
-    )
-    return [r if isinstance(r, InsufficientFunds) else r[0] for r in results]
+async def create_job(
+    session: AsyncSession, owner_id: str, spec: JobSpec, billing: BillingSettings | None = None
+) -> Job:
+    """Inserts the job and, with `billing`, holds its worst-case cost from the owner's
+    credits (InsufficientFunds, a 402, when they don't cover it)."""
+    [created] = await create_submissions(session, [Submission(owner_id, [spec])], billing)
+    if isinstance(created, InsufficientFunds):
+        raise created
+    return created[0]
 
 
 async def create_submissions(

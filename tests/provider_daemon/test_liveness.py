@@ -176,9 +176,17 @@ async def test_killed_daemon_goes_offline_after_the_ttl_and_provider_lost_names_
             return p.last_heartbeat_at is not None and p.last_heartbeat_at.timestamp() > since
 
         await wait_for(beating, 60, "heartbeats")
-        async with registry.db.begin() as session:
-            held = await reserve_any(session, "job-held")
-        assert held is not None and held.provider_id == provider_id
+        held: list[Any] = []
+
+        async def reserved() -> bool:
+            # SKIP LOCKED: a heartbeat batch holding the GPU rows (every 0.3 s here)
+            # makes a reservation find none for that moment.
+            async with registry.db.begin() as session:
+                held.append(await reserve_any(session, "job-held"))
+            return held[-1] is not None
+
+        await wait_for(reserved, 10, "a reservation")
+        assert held[-1].provider_id == provider_id
 
         daemon.send_signal(signal.SIGKILL)
         daemon.wait(10)

@@ -68,7 +68,9 @@ def ended_attempt(
 
 def mark_finished(jobs: Iterable[Job], now: datetime | None) -> list[settlement.FinishedJob]:
     """Jobs that ended for good and are not settled yet; marks them settled (the caller
-    settles them in the same transaction)."""
+    settles them in the same transaction). `now`: the transaction's time when the caller
+    has read it; a value instead of the SQL function lets the ORM write many jobs in one
+    UPDATE."""
     done = []
     for job in jobs:
         if (
@@ -87,14 +89,10 @@ async def settle(
     settings: BillingSettings,
     jobs: list[Job],
     ended: Sequence[settlement.EndedAttempt | None] = (),
-    now: datetime | None = None,
 ) -> list[settlement.Charged]:
-    """Charges the ended attempts and settles whichever of `jobs` have finished.
-
-    `now`: the transaction's time (Postgres `now()`) when the caller has read it; a value
-    instead of the SQL function lets the ORM write many jobs in one UPDATE."""
+    """Charges the ended attempts and settles whichever of `jobs` have finished."""
     return await settlement.settle(
-        session, settings, [a for a in ended if a is not None], mark_finished(jobs, now)
+        session, settings, [a for a in ended if a is not None], mark_finished(jobs, None)
     )
 
 

@@ -10,6 +10,7 @@ so a decision is a handful of vectorized comparisons over all pools with no gath
 and no Python loop over machines.
 """
 
+import hashlib
 import math
 import random
 import time
@@ -245,7 +246,7 @@ class _Machine:
 
     def __init__(self, provider_id: str, seq: int, label_keys: tuple[str, ...]) -> None:
         self.provider_id = provider_id
-        self.seq = seq  # insertion order, for deterministic ties
+        self.seq = seq  # its rank among machines of equal score (FleetIndex.tie_seed)
         self.label_keys = label_keys
         self.rows: list[int] = []  # its pools' rows
         # Its GPUs: the snapshot it came in, and (row, start, end) per pool there.
@@ -269,7 +270,7 @@ class FleetIndex:
     _COLUMNS = (
         ("kind", np.uint8, _EMPTY),  # _REAL or _SIMULATED while the row is in use
         ("sched", np.uint8, _EMPTY),  # the kind if the machine may take work, else _EMPTY
-        ("seq", np.int64, 0),  # the machine's insertion order, for ties
+        ("seq", np.int64, 0),  # the machine's rank in ties (_Machine.seq)
         ("model", np.int32, 0),
         ("n_all", np.int32, 0),  # GPUs, whatever their health or load
         ("n_free", np.int32, 0),  # healthy and not reserved
@@ -293,8 +294,15 @@ class FleetIndex:
         ("pack", np.float64, 0.0),
     )
 
-    def __init__(self, weights: Weights = Weights()) -> None:
+    def __init__(self, weights: Weights = Weights(), tie_seed: int | None = None) -> None:
+        """Among machines of equal score, the one known first wins; with a `tie_seed`,
+        the first in an order of the machines' ids shuffled by that seed. Scheduler
+        replicas each draw their own seed: deciding the same head of the queue, they
+        then name different GPUs instead of all racing for the first tied machine's.
+        The order stays the same for the life of the index, reloads included, so a
+        replica keeps filling the machines it started on."""
         self._weights = weights
+        self._tie_key = None if tie_seed is None else tie_seed.to_bytes(16, "little", signed=True)
         self.clear()
 
     @property
@@ -393,6 +401,13 @@ class FleetIndex:
             out.append(found)
         return out
 
+    def _rank(self, provider_id: str) -> int:
+        if self._tie_key is None:
+            self._seq += 1
+            return self._seq
+        digest = hashlib.blake2b(provider_id.encode(), digest_size=8, salt=self._tie_key)
+        return int.from_bytes(digest.digest(), "little") >> 1  # fits int64
+
     def _new_model(self, model: str) -> None:
         self._model_names.append(model)
         self._model_words.append(frozenset(model_tokens(model)))
@@ -429,8 +444,9 @@ class FleetIndex:
         machines: list[_Machine] = []
         for provider_id, labels, machine in zip(s.provider_ids, s.labels, known, strict=True):
             if machine is None:
-                machine = self._machines[provider_id] = _Machine(provider_id, self._seq, ())
-                self._seq += 1
+                machine = self._machines[provider_id] = _Machine(
+                    provider_id, self._rank(provider_id), ()
+                )
             machine.label_keys = tuple(labels)
             machines.append(machine)
         if not len(s.pool_model):

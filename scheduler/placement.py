@@ -7,10 +7,14 @@ the GPU rows are locked with SKIP LOCKED and re-checked. Postgres is the referee
 replica whose view was stale loses the race for those GPUs, reloads that machine and
 decides again; no GPU is ever reserved twice.
 
-Jobs are taken in fair-share order (queue_order) and locked with SKIP LOCKED, so several
-replicas split the queue between them instead of waiting on each other. The tasks are
-published after the commit; a task that could not be published goes back to the queue,
-and one lost after publishing is caught by the accept deadline (lifecycle).
+Jobs are read in fair-share order (queue_order) and locked as they are read, with SKIP
+LOCKED, so several replicas split the queue between them instead of waiting on each
+other or deciding the same jobs; each replica breaks ties between equally good machines
+in its own order (FleetIndex's tie_seed), so their decisions seldom name the same GPUs,
+and the jobs that lost a race anyway are decided again together, a statement per round.
+
+The tasks are published after the commit; a task that could not be published goes back
+to the queue, and one lost after publishing is caught by the accept deadline (lifecycle).
 """
 
 import logging
@@ -120,37 +124,28 @@ class Placer:
 
     async def run_pass(self) -> PassResult:
         now = datetime.now(UTC)
-        async with self.sessionmaker() as session:
+        # One transaction: the queued jobs read stay locked (SKIP LOCKED) until the pass
+        # commits, so replicas read different jobs instead of all deciding the same head
+        # of the queue and all but one finding it taken.
+        async with self.sessionmaker.begin() as session:
             await self.sync.refresh(session)
-            rows = await queue_order.next_jobs(session, now, self.scan)
-        fits: list[Row] = []
-        reasons: dict[str, str] = {}
-        known: dict[Demand, str | None] = {}
-        for row in rows:
-            demand = demand_of(row, self.allow_simulated)
-            if demand not in known:
-                # Whether it fits now; the commit below decides for real.
-                known[demand] = (
-                    None
-                    if self.index.choose(demand) is not None
-                    else (self.index.why_unplaceable(demand) or WAITING_FOR_CAPACITY)
-                )
-            reason = known[demand]
-            if reason is None and len(fits) < self.batch:
-                fits.append(row)
-            elif reason is not None and row.waiting_reason != reason:
-                reasons[row.id] = reason
-        result = PassResult(placements=[], waiting=len(rows) - len(fits))
-        if fits:
-            async with self.sessionmaker.begin() as session:
-                await self._reserve(session, [r.id for r in fits], result)
-        if reasons:
-            async with self.sessionmaker.begin() as session:
-                await _set_waiting_reasons(session, reasons)
+            triage = _Triage(self.index, self.allow_simulated, self.batch)
+            # A batch's worth first, so a pass holds no more of the queue than it can
+            # place; further down only when some of those fit nowhere now.
+            rows = await queue_order.next_jobs(session, now, self.batch)
+            triage.add(rows)
+            if len(triage.fits) < self.batch and len(rows) == self.batch < self.scan:
+                seen = {row.id for row in rows}
+                more = await queue_order.next_jobs(session, now, self.scan)
+                triage.add([row for row in more if row.id not in seen])
+            result = PassResult(placements=[], waiting=triage.seen - len(triage.fits))
+            if triage.fits:
+                await self._reserve(session, [r.id for r in triage.fits], result)
+            if triage.reasons:
+                await _set_waiting_reasons(session, triage.reasons)
         return result
 
     async def _reserve(self, session: AsyncSession, job_ids: list[str], result: PassResult) -> None:
-        # Ours are the ones no other replica holds; taken in the fair order.
         order = {job_id: i for i, job_id in enumerate(job_ids)}
         jobs = (
             await session.scalars(
@@ -160,79 +155,108 @@ class Placer:
             )
         ).all()
         now = datetime.now(UTC)
-        # Decided in memory first, each decision seeing the GPUs the earlier ones named,
-        # then reserved in Postgres in one statement.
+        pending = sorted(jobs, key=lambda j: order[j.id])
+        # Per job, the machines where it lost a race this pass: their rows may still be
+        # locked by the replica that won, so a fresh read can show them free.
+        lost_on: dict[str, frozenset[str]] = {}
+        # The jobs' updates go out together at commit (one executemany), not one flush
+        # before each statement below.
+        with session.no_autoflush:
+            for _ in range(1 + RACE_RETRIES):
+                picks = self._decide(pending, lost_on)
+                reserved = await capacity.reserve_exact(session, [w for _, w in picks])
+                pending = []
+                for job, wanted in picks:
+                    reservation = reserved.get(job.id)
+                    if reservation is None:
+                        self.index.release(wanted.provider_id, wanted.gpu_uuids)
+                        lost_on[job.id] = lost_on.get(job.id, frozenset()) | {wanted.provider_id}
+                        pending.append(job)
+                        continue
+                    _assign(job, reservation, now)
+                    result.placements.append(
+                        Placement(reservation.provider_id, task_for(job, reservation))
+                    )
+                if not pending:
+                    return
+                # Another replica took some of those GPUs, or the machines changed since
+                # we looked: read them again, then decide again for those jobs together
+                # (a statement per round, however many jobs lost).
+                result.races_lost += len(pending)
+                await self.sync.reload(session, {p for job in pending for p in lost_on[job.id]})
+        for job in pending:
+            _wait(job)
+
+    def _decide(
+        self, jobs: list[Job], lost_on: dict[str, frozenset[str]]
+    ) -> list[tuple[Job, capacity.Wanted]]:
+        """Names each job's GPUs in memory, each decision seeing the GPUs the earlier
+        ones named; jobs that fit nowhere now are marked waiting."""
         picks: list[tuple[Job, capacity.Wanted]] = []
-        for job in sorted(jobs, key=lambda j: order[j.id]):
+        for job in jobs:
             demand = demand_of(job, self.allow_simulated)
+            if job.id in lost_on:
+                demand = replace(demand, avoid=demand.avoid | lost_on[job.id])
             choice = self.index.choose(demand)
             uuids = self.index.pick(choice, demand.count) if choice is not None else None
             if choice is None or uuids is None:
-                # Earlier jobs of this pass took what it would have fitted.
-                self._wait(job)
+                _wait(job)
                 continue
-            wanted = capacity.Wanted(
-                job.id, choice.provider_id, choice.model, uuids, job.max_price_per_gpu_hour
-            )
-            picks.append((job, wanted))
-        # The jobs' updates go out together at commit (one executemany), not one flush
-        # before each reservation.
-        with session.no_autoflush:
-            reserved = await capacity.reserve_exact(session, [w for _, w in picks])
-            for job, wanted in picks:
-                reservation = reserved.get(job.id)
-                if reservation is None:
-                    # Another replica took some of those GPUs, or the machine changed
-                    # since we looked: refresh it, and decide again for this job alone.
-                    self.index.release(wanted.provider_id, wanted.gpu_uuids)
-                    result.races_lost += 1
-                    await self.sync.reload(session, [wanted.provider_id])
-                    reservation = await self._reserve_one(session, job, result)
-                if reservation is None:
-                    self._wait(job)
-                    continue
-                job.status = states.ASSIGNED
-                job.waiting_reason = None
-                job.not_before = None
-                job.provider_id = reservation.provider_id
-                job.gpu_uuids = reservation.gpu_uuids
-                job.price_per_gpu_hour = reservation.price_per_gpu_hour
-                job.gpu_model = reservation.gpu_model
-                job.assigned_at = now
-                result.placements.append(
-                    Placement(provider_id=reservation.provider_id, task=task_for(job, reservation))
+            picks.append(
+                (
+                    job,
+                    capacity.Wanted(
+                        job.id, choice.provider_id, choice.model, uuids, job.max_price_per_gpu_hour
+                    ),
                 )
-
-    @staticmethod
-    def _wait(job: Job) -> None:
-        if job.waiting_reason != WAITING_FOR_CAPACITY:
-            job.waiting_reason = WAITING_FOR_CAPACITY
-
-    async def _reserve_one(
-        self, session: AsyncSession, job: Job, result: PassResult
-    ) -> capacity.Reservation | None:
-        demand = demand_of(job, self.allow_simulated)
-        for _ in range(RACE_RETRIES):
-            choice = self.index.choose(demand)
-            if choice is None:
-                return None
-            reservation = await capacity.reserve_in_pool(
-                session,
-                job.id,
-                choice.provider_id,
-                choice.model,
-                demand.count,
-                job.max_price_per_gpu_hour,
             )
-            if reservation is not None:
-                self.index.take(choice.provider_id, reservation.gpu_uuids)
-                return reservation
-            # Another replica took those GPUs, the machine changed since we looked, or
-            # its rows are locked right now: refresh it, and try the next machine.
-            result.races_lost += 1
-            await self.sync.reload(session, [choice.provider_id])
-            demand = replace(demand, avoid=demand.avoid | {choice.provider_id})
-        return None
+        return picks
+
+
+class _Triage:
+    """Sorts the jobs read into those that fit somewhere now (up to a batch, in order)
+    and those that don't, with why; the reservation then decides for real."""
+
+    def __init__(self, index: FleetIndex, allow_simulated: bool, batch: int) -> None:
+        self.index = index
+        self.allow_simulated = allow_simulated
+        self.batch = batch
+        self.fits: list[Row] = []
+        self.reasons: dict[str, str] = {}  # job id -> a new waiting_reason
+        self.seen = 0
+        self._known: dict[Demand, str | None] = {}
+
+    def add(self, rows: list[Row]) -> None:
+        self.seen += len(rows)
+        for row in rows:
+            demand = demand_of(row, self.allow_simulated)
+            if demand not in self._known:
+                self._known[demand] = (
+                    None
+                    if self.index.choose(demand) is not None
+                    else (self.index.why_unplaceable(demand) or WAITING_FOR_CAPACITY)
+                )
+            reason = self._known[demand]
+            if reason is None and len(self.fits) < self.batch:
+                self.fits.append(row)
+            elif reason is not None and row.waiting_reason != reason:
+                self.reasons[row.id] = reason
+
+
+def _assign(job: Job, reservation: capacity.Reservation, now: datetime) -> None:
+    job.status = states.ASSIGNED
+    job.waiting_reason = None
+    job.not_before = None
+    job.provider_id = reservation.provider_id
+    job.gpu_uuids = reservation.gpu_uuids
+    job.price_per_gpu_hour = reservation.price_per_gpu_hour
+    job.gpu_model = reservation.gpu_model
+    job.assigned_at = now
+
+
+def _wait(job: Job) -> None:
+    if job.waiting_reason != WAITING_FOR_CAPACITY:
+        job.waiting_reason = WAITING_FOR_CAPACITY
 
 
 async def _set_waiting_reasons(session: AsyncSession, reasons: dict[str, str]) -> None:

@@ -8,7 +8,8 @@ requester with a burst of 10,000 queued jobs cannot hold back another requester'
 job: that job is the other requester's first, and it comes up in the next pass. A
 requester's `priority` reorders only its own jobs; it cannot buy its way past others.
 
-Reads only: the placement pass locks the jobs it takes (SKIP LOCKED) afterwards.
+The jobs are locked as they are read, skipping those another scheduler replica holds,
+until the caller's transaction ends: replicas read disjoint slices of the queue.
 """
 
 import heapq
@@ -76,7 +77,8 @@ async def held_gpus(session: AsyncSession, owners: list[str]) -> dict[str, int]:
 
 
 async def next_jobs(session: AsyncSession, now: datetime, limit: int) -> list[Row]:
-    """Up to `limit` queued jobs ready to run (backoff over), in the order above."""
+    """Up to `limit` queued jobs ready to run (backoff over) and not held by another
+    replica, in the order above, locked until the caller's transaction ends."""
     owners = list((await session.scalars(_OWNERS, {"max_owners": MAX_OWNERS})).all())
     if not owners:
         return []
@@ -97,6 +99,7 @@ async def next_jobs(session: AsyncSession, now: datetime, limit: int) -> list[Ro
         )
         .order_by(Job.priority.desc(), Job.created_at, Job.id)
         .limit(per_owner)
+        .with_for_update(skip_locked=True)
         .lateral("j")
     )
     rows = (await session.execute(select(mine).select_from(owner_ids.join(mine, true())))).all()

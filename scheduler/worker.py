@@ -8,6 +8,7 @@ Several replicas may run at once: job and GPU rows are locked with SKIP LOCKED.
 
 import asyncio
 import logging
+import secrets
 import signal
 import time
 from collections.abc import Awaitable, Callable
@@ -97,7 +98,9 @@ class Scheduler:
         )
         self.placer = placement.Placer(
             sessionmaker,
-            FleetIndex(weights),
+            # Its own order among equally good machines (FleetIndex): replicas deciding
+            # the same jobs at once name different GPUs.
+            FleetIndex(weights, tie_seed=secrets.randbits(63)),
             allow_simulated=settings.simulated_allowed,
             batch=settings.placement_batch,
             scan=settings.placement_scan,

@@ -65,8 +65,10 @@ def machine(provider_id: str, *gpu_groups: tuple[GpuView, ...], **fields) -> Mac
     return MachineView(provider_id=provider_id, gpus=all_gpus, **defaults)  # type: ignore[arg-type]
 
 
-def index_of(*machines: MachineView, weights: Weights = Weights()) -> FleetIndex:
-    index = FleetIndex(weights)
+def index_of(
+    *machines: MachineView, weights: Weights = Weights(), tie_seed: int | None = None
+) -> FleetIndex:
+    index = FleetIndex(weights, tie_seed)
     for m in machines:
         index.upsert(m)
     return index
@@ -115,6 +117,25 @@ class TestScore:
         # Reloading a machine keeps its place.
         index.upsert(machines[0])
         assert chosen(index, count=1) == "m3"
+
+    def test_a_tie_seed_gives_each_index_its_own_order(self) -> None:
+        machines = [machine(f"m{i}", gpus(1, prefix=f"m{i}")) for i in range(50)]
+        firsts = set()
+        for seed in range(8):
+            index = index_of(*machines, tie_seed=seed)
+            first = chosen(index, count=1)
+            # The same seed ranks the same way, whatever order the machines came in,
+            # and a reload keeps the machine's place.
+            assert chosen(index_of(*reversed(machines), tie_seed=seed), count=1) == first
+            index.load(FleetSnapshot.from_machines(machines))
+            assert chosen(index, count=1) == first
+            firsts.add(first)
+        assert len(firsts) > 4
+        # Ties only: a cheaper machine wins under every seed.
+        cheap = machine("cheap", gpus(1, prefix="cheap", price=0.4))
+        assert {chosen(index_of(*machines, cheap, tie_seed=s), count=1) for s in range(8)} == {
+            "cheap"
+        }
 
 
 class TestPools:

@@ -3,13 +3,15 @@
 import asyncio
 import uuid
 from collections import Counter
+from datetime import UTC, datetime
+from unittest.mock import AsyncMock
 
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from common.types import EGRESS_LABEL
 from provider_registry.models import DRAINING, Gpu
-from scheduler import placement, states
+from scheduler import placement, queue_order, states
 from scheduler.fleet_index import Weights
 from scheduler.models import Job
 from scheduler.settings import SchedulerSettings
@@ -96,6 +98,23 @@ class TestConstraints:
         placed = {p.task.job_id: p.provider_id for p in (await place(db)).placements}
         assert placed[never.id] == machine.id
         assert (await load(db, never.id)).waiting_reason is None
+
+    async def test_a_pass_looks_past_a_head_that_fits_nowhere(self, db: async_sessionmaker) -> None:
+        async with db.begin() as session:
+            await create_provider(session, gpus=2)
+            stuck = [await submit(session, owner_id="o", resources={"gpus": 4}) for _ in range(3)]
+            small = [await submit(session, owner_id="o") for _ in range(3)]
+        for job in stuck:
+            job.created_at = datetime(2026, 1, 1, tzinfo=UTC)  # the head of the queue
+        async with db.begin() as session:
+            for job in stuck:
+                await session.merge(job)
+        result = await placer(db, batch=2).run_pass()
+        # Three jobs read past the first batch's worth; two of the small ones fill a batch.
+        assert {p.task.job_id for p in result.placements} < {j.id for j in small}
+        assert len(result.placements) == 2
+        for job in stuck:
+            assert "4 such GPUs" in (await load(db, job.id)).waiting_reason
 
     async def test_egress_only_where_the_owner_allows_network(self, db: async_sessionmaker) -> None:
         async with db.begin() as session:
@@ -234,6 +253,40 @@ class TestReplicas:
                 select(func.count()).select_from(Job).where(Job.status == states.ASSIGNED)
             )
         assert held == assigned == 60
+
+    async def test_replicas_read_different_jobs(self, db: async_sessionmaker) -> None:
+        async with db.begin() as session:
+            jobs = [(await submit(session, owner_id="one")).id for _ in range(6)]
+        now = datetime.now(UTC)
+        async with db.begin() as first, db.begin() as second:
+            held = [r.id for r in await queue_order.next_jobs(first, now, 4)]
+            # The first replica's pass is still open: the second reads past its jobs.
+            rest = [r.id for r in await queue_order.next_jobs(second, now, 4)]
+        assert len(held) == 4 and sorted(held + rest) == sorted(jobs)
+
+    async def test_jobs_that_lost_their_race_are_decided_again_together(
+        self, db: async_sessionmaker
+    ) -> None:
+        async with db.begin() as session:
+            for _ in range(10):
+                await create_provider(session, gpus=1)
+            for _ in range(10):
+                await submit(session)
+        late = placer(db)
+        await late.resync()
+        # It will not see what the other replica reserves meanwhile (as when that
+        # replica commits between this one's refresh and its reservation), and breaks
+        # ties in the same order: it names the very GPUs the other one took.
+        late.sync.refresh = AsyncMock(return_value=0)  # type: ignore[method-assign]
+        first = await placer(db, batch=5).run_pass()
+        assert len(first.placements) == 5
+        with statements(db) as sent:
+            second = await late.run_pass()
+        assert len(second.placements) == 5 and second.races_lost == 5
+        # One reservation for the pass, one more for the five losers: not one per job.
+        assert sum(sql.lstrip().startswith("WITH free AS") for sql in sent) == 2
+        uuids = Counter(u for r in (first, second) for p in r.placements for u in p.task.gpu_uuids)
+        assert len(uuids) == 10 and max(uuids.values()) == 1
 
     async def test_array_position_reaches_the_task(self, db: async_sessionmaker) -> None:
         async with db.begin() as session:

@@ -27,55 +27,6 @@ class Reservation:
     gpu_model: str
 
 
-async def reserve_in_pool(
-    session: AsyncSession,
-    job_id: str,
-    provider_id: str,
-    model: str,
-    count: int,
-    max_price_per_hour: Decimal | None = None,
-) -> Reservation | None:
-    """Reserves `count` free GPUs of `model` on the machine for the job, or returns None.
-
-    The scheduler chose the machine from its in-memory view of the fleet; this is where
-    that choice meets the truth. SKIP LOCKED lets replicas racing for the same machine
-    take different GPUs instead of waiting, and a machine that went offline, was
-    suspended, or raised its price since the view was taken is refused.
-    """
-    gpus, providers = Gpu.__table__.c, Provider.__table__.c
-    conditions = [gpus.provider_id == provider_id, gpus.model == model, *_reservable()]
-    if max_price_per_hour is not None:
-        conditions.append(gpus.price_per_hour <= max_price_per_hour)
-    # Core, not ORM: this runs once per placement and no GPU object is loaded.
-    picked = (
-        select(gpus.id)
-        .join_from(Gpu.__table__, Provider.__table__, providers.id == gpus.provider_id)
-        .where(*conditions)
-        .order_by(gpus.index)
-        .limit(count)
-        .with_for_update(of=Gpu.__table__, skip_locked=True)
-        .cte("picked")
-    )
-    rows = (
-        await session.execute(
-            update(Gpu.__table__)
-            .where(gpus.id == picked.c.id)
-            .values(reserved_job_id=job_id)
-            .returning(gpus.uuid, gpus.index, gpus.price_per_hour)
-        )
-    ).all()
-    if len(rows) < count:
-        await release(session, job_id)  # a partial hold helps nobody
-        return None
-    rows = sorted(rows, key=lambda r: r.index)
-    return Reservation(
-        provider_id=provider_id,
-        gpu_uuids=[r.uuid for r in rows],
-        price_per_gpu_hour=max(r.price_per_hour for r in rows),
-        gpu_model=model,
-    )
-
-
 def _reservable() -> list[ColumnElement[bool]]:
     """A GPU that may be reserved now: free and healthy, on a machine that is online and
     not suspended (with the gpus joined to their providers)."""

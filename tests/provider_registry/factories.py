@@ -73,9 +73,36 @@ async def reserve_any(
     for provider_id, pool_model in (
         await session.execute(pools.order_by(func.max(Gpu.price_per_hour), Gpu.provider_id))
     ).all():
-        reservation = await capacity.reserve_in_pool(
-            session, job_id, provider_id, pool_model, count
-        )
+        reservation = await reserve_in_pool(session, job_id, provider_id, pool_model, count)
         if reservation is not None:
             return reservation
     return None
+
+
+async def reserve_in_pool(
+    session: AsyncSession,
+    job_id: str,
+    provider_id: str,
+    model: str,
+    count: int,
+    max_price_per_hour: Decimal | None = None,
+) -> Reservation | None:
+    """Reserves the machine's first `count` free healthy GPUs of `model`, read without a
+    lock, through the scheduler's own statement (which re-checks them all), or None."""
+    uuids = (
+        await session.scalars(
+            select(Gpu.uuid)
+            .where(
+                Gpu.provider_id == provider_id,
+                Gpu.model == model,
+                Gpu.healthy,
+                Gpu.reserved_job_id.is_(None),
+            )
+            .order_by(Gpu.index)
+            .limit(count)
+        )
+    ).all()
+    if len(uuids) < count:
+        return None
+    wanted = capacity.Wanted(job_id, provider_id, model, list(uuids), max_price_per_hour)
+    return (await capacity.reserve_exact(session, [wanted])).get(job_id)

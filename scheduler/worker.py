@@ -90,6 +90,8 @@ class Scheduler:
         self.js = js
         self.sessionmaker = sessionmaker
         self.wake = asyncio.Event()
+        # The last pass's task publishes, still going while the next pass runs.
+        self._publishing: asyncio.Task[None] | None = None
         self.policy = RetryPolicy(settings.retry_backoff_s, settings.retry_backoff_max_s)
         weights = Weights(
             price=settings.score_price_weight,
@@ -127,6 +129,7 @@ class Scheduler:
                 # Nothing more to place now: sleep until a job, freed GPUs or the timer.
                 await wait_event(self.wake, self.settings.placement_interval_s)
                 self.wake.clear()
+        await self._published()
 
     async def placement_pass(self) -> bool:
         """One pass; True when it filled its batch (more may be waiting right now)."""
@@ -135,9 +138,25 @@ class Scheduler:
         RACES.inc(result.races_lost)
         FLEET_MACHINES.set(len(self.placer.index))
         if result.placements:
-            await asyncio.gather(*(self._dispatch(p) for p in result.placements))
+            # Published while the next pass reads and decides (its jobs wait for that,
+            # not for these publishes); one pass's publishes in flight at a time.
+            await self._published()
+            self._publishing = asyncio.create_task(self._dispatch_all(result.placements))
         PASS_SECONDS.observe(time.perf_counter() - started)
         return len(result.placements) >= self.settings.placement_batch
+
+    async def _published(self) -> None:
+        """Waits for the last pass's publishes to end."""
+        if self._publishing is not None:
+            await self._publishing
+            self._publishing = None
+
+    async def _dispatch_all(self, placements: list[placement.Placement]) -> None:
+        try:
+            await asyncio.gather(*(self._dispatch(p) for p in placements))
+        except Exception:
+            # A task neither sent nor taken back is caught by the accept deadline.
+            log.exception("publishing tasks failed")
 
     async def _dispatch(self, placed: placement.Placement) -> None:
         task, provider_id = placed.task, placed.provider_id

@@ -4,20 +4,18 @@ hold goes back to its owner. All in the caller's transaction, once per attempt a
 per job however often it is replayed."""
 
 import logging
-from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 
-from sqlalchemy import BindParameter, String, any_, bindparam, func, select
-from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from billing import amounts, ledger
 from billing.metering import meter
 from billing.models import AVAILABLE, EARNINGS, FEES, HELD, PLATFORM, Entry, Transfer, Usage
 from billing.settings import BillingSettings
-from common.db import insert_rows
+from common.db import insert_rows, one_of
 from provider_registry.models import Provider
 
 log = logging.getLogger(__name__)
@@ -205,7 +203,7 @@ async def _not_settled(session: AsyncSession, ended: list[EndedAttempt]) -> list
         (
             await session.execute(
                 select(Usage.job_id, Usage.attempt).where(
-                    Usage.job_id == any_(_strings("job_ids", {a.job_id for a in ended}))
+                    one_of(Usage.job_id, {a.job_id for a in ended}, "job_ids")
                 )
             )
         ).all()
@@ -230,7 +228,7 @@ async def _provider_owners(session: AsyncSession, provider_ids: set[str]) -> dic
         return {}
     rows = await session.execute(
         select(Provider.id, Provider.owner_id).where(
-            Provider.id == any_(_strings("provider_ids", provider_ids))
+            one_of(Provider.id, provider_ids, "provider_ids")
         )
     )
     return {r.id: r.owner_id for r in rows}
@@ -247,16 +245,10 @@ async def _held_per_job(
     rows = await session.execute(
         select(Transfer.job_id, Entry.account_id, func.sum(Entry.amount))
         .join(Entry, Entry.transfer_id == Transfer.id)
-        .where(Transfer.job_id == any_(_strings("job_ids", held_account)))
+        .where(one_of(Transfer.job_id, held_account, "job_ids"))
         .group_by(Transfer.job_id, Entry.account_id)
     )
     for job_id, account_id, amount in rows:
         if held_account[job_id] == account_id:
             left[job_id] = amount
     return left
-
-
-def _strings(name: str, values: Iterable[str]) -> BindParameter:
-    """One array parameter instead of an IN list: the statement's text (and so the
-    statement asyncpg prepares) is the same however many values a batch has."""
-    return bindparam(name, sorted(values), ARRAY(String))

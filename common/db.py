@@ -1,11 +1,11 @@
 """The declarative base shared by every service's tables, the engine factory, and rows
 passed to a statement as arrays."""
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from prometheus_client import Counter
-from sqlalchemy import MetaData, Table, bindparam, event, func, select
+from sqlalchemy import ColumnElement, MetaData, String, Table, any_, bindparam, event, func, select
 from sqlalchemy.dialects.postgresql import ARRAY, Insert, insert
 from sqlalchemy.engine import Dialect, ExceptionContext
 from sqlalchemy.exc import IntegrityError
@@ -72,6 +72,14 @@ async def check_database(engine: AsyncEngine) -> None:
 
     async with engine.connect() as conn:
         await conn.execute(text("SELECT 1"))
+
+
+def one_of(column: Any, values: Iterable[str], name: str) -> ColumnElement[bool]:
+    """`column = ANY(:name)`, the values (strings, sorted) as one array parameter.
+
+    Not an IN list: that changes the statement's text with its length, so SQLAlchemy
+    compiles and asyncpg prepares (and Postgres plans) it again for every size."""
+    return column == any_(bindparam(name, sorted(values), ARRAY(String)))
 
 
 def array_rows(name: str, **columns: tuple[Any, Sequence[Any]]) -> TableValuedAlias:

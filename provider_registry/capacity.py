@@ -11,11 +11,10 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from decimal import Decimal
 
-from sqlalchemy import ColumnElement, Numeric, Row, String, any_, bindparam, select, update
-from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy import ColumnElement, Numeric, Row, String, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from common.db import array_rows
+from common.db import array_rows, one_of
 from provider_registry.models import ONLINE, Gpu, Provider
 
 
@@ -58,7 +57,7 @@ async def release_many(session: AsyncSession, job_ids: Collection[str]) -> dict[
     # One array parameter: the same statement text whatever the number of jobs.
     held = (
         select(gpus.id, gpus.reserved_job_id)
-        .where(gpus.reserved_job_id == any_(bindparam("job_ids", list(job_ids), ARRAY(String))))
+        .where(one_of(gpus.reserved_job_id, job_ids, "job_ids"))
         .order_by(gpus.id)
         .with_for_update()
         .cte("held")

@@ -18,8 +18,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from sqlalchemy import String, any_, bindparam, func, inspect, select
-from sqlalchemy.dialects.postgresql import ARRAY, insert
+from sqlalchemy import func, inspect, select
+from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import defer
 from sqlalchemy.orm.attributes import flag_modified
@@ -27,6 +27,7 @@ from sqlalchemy.orm.attributes import flag_modified
 from billing import settlement
 from billing.settings import BillingSettings
 from billing.settlement import Charged, EndedAttempt, FinishedJob
+from common.db import one_of
 from common.messages import JobEvent
 from provider_registry import capacity, reliability
 from scheduler import settling, states
@@ -151,7 +152,7 @@ async def _lock_jobs(
     rows = (
         await session.execute(
             select(Job, func.now())
-            .where(Job.id == any_(bindparam("job_ids", sorted(job_ids), ARRAY(String))))
+            .where(one_of(Job.id, job_ids, "job_ids"))
             # Byte order, like Python's sorted(), which lifecycle's writers lock in.
             .order_by(Job.id.collate("C"))
             .with_for_update()

@@ -31,6 +31,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from common.db import one_of
 from provider_registry.models import LEFT, ONLINE, Gpu, Provider
 from scheduler.fleet_index import FleetIndex, FleetSnapshot
 
@@ -187,10 +188,16 @@ class FleetSync:
             batch = wanted[start : start + _BATCH]
             machines = (
                 await session.execute(
-                    _machines_query().where(Provider.id.in_(batch)).order_by(Provider.id)
+                    _machines_query()
+                    .where(one_of(Provider.id, batch, "provider_ids"))
+                    .order_by(Provider.id)
                 )
             ).all()
-            gpus = (await session.execute(_gpus_query().where(Gpu.provider_id.in_(batch)))).all()
+            gpus = (
+                await session.execute(
+                    _gpus_query().where(one_of(Gpu.provider_id, batch, "provider_ids"))
+                )
+            ).all()
             snapshot, seqs = _snapshot(machines, gpus, since)
             present = set(snapshot.provider_ids)
             for provider_id in batch:

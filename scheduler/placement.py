@@ -24,6 +24,7 @@ from datetime import UTC, datetime
 from sqlalchemy import Row, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from common.db import one_of
 from common.gpu_models import canonical_model
 from common.messages import TaskAssignment, TaskInput
 from common.types import EGRESS_LABEL, version_number
@@ -150,7 +151,7 @@ class Placer:
         jobs = (
             await session.scalars(
                 select(Job)
-                .where(Job.id.in_(job_ids), Job.status == states.QUEUED)
+                .where(one_of(Job.id, job_ids, "job_ids"), Job.status == states.QUEUED)
                 .with_for_update(skip_locked=True)
             )
         ).all()

@@ -129,11 +129,15 @@ class Placer:
         # commits, so replicas read different jobs instead of all deciding the same head
         # of the queue and all but one finding it taken.
         async with self.sessionmaker.begin() as session:
-            await self.sync.refresh(session)
-            triage = _Triage(self.index, self.allow_simulated, self.batch)
             # A batch's worth first, so a pass holds no more of the queue than it can
             # place; further down only when some of those fit nowhere now.
             rows = await queue_order.next_jobs(session, now, self.batch)
+            if not rows:
+                # Nothing to place, or other replicas hold it all: the fleet view can
+                # wait for a pass that needs it (a refresh reads every change since).
+                return PassResult(placements=[])
+            await self.sync.refresh(session)
+            triage = _Triage(self.index, self.allow_simulated, self.batch)
             triage.add(rows)
             if len(triage.fits) < self.batch and len(rows) == self.batch < self.scan:
                 seen = {row.id for row in rows}

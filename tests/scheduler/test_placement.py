@@ -311,6 +311,21 @@ def test_the_settings_and_the_index_agree_on_default_weights() -> None:
 
 
 class TestStatements:
+    async def test_a_pass_with_nothing_to_place_leaves_the_fleet_view_alone(
+        self, db: async_sessionmaker
+    ) -> None:
+        async with db.begin() as session:
+            await create_provider(session, gpus=1)
+        replica = placer(db)
+        with statements(db) as sent:
+            assert (await replica.run_pass()).placements == []
+        assert not any("capacity_seq" in sql for sql in sent)
+        # The first pass with a job reads the fleet, and everything changed before it.
+        async with db.begin() as session:
+            job = await submit(session)
+        [placed] = (await replica.run_pass()).placements
+        assert placed.task.job_id == job.id
+
     async def test_a_pass_reserves_all_its_jobs_in_one_statement(
         self, db: async_sessionmaker
     ) -> None:

@@ -54,7 +54,6 @@ async def release_many(session: AsyncSession, job_ids: Collection[str]) -> dict[
         return {}
     gpus = Gpu.__table__.c
     # The rows as locked, so RETURNING can say whose they were (it sees the new row).
-    # One array parameter: the same statement text whatever the number of jobs.
     held = (
         select(gpus.id, gpus.reserved_job_id)
         .where(one_of(gpus.reserved_job_id, job_ids, "job_ids"))

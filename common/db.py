@@ -5,7 +5,19 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from prometheus_client import Counter
-from sqlalchemy import ColumnElement, MetaData, String, Table, any_, bindparam, event, func, select
+from sqlalchemy import (
+    ColumnElement,
+    MetaData,
+    String,
+    Table,
+    Update,
+    any_,
+    bindparam,
+    event,
+    func,
+    select,
+    update,
+)
 from sqlalchemy.dialects.postgresql import ARRAY, Insert, insert
 from sqlalchemy.engine import Dialect, ExceptionContext
 from sqlalchemy.exc import IntegrityError
@@ -94,7 +106,8 @@ def array_rows(name: str, **columns: tuple[Any, Sequence[Any]]) -> TableValuedAl
     return (
         func.unnest(
             *(
-                bindparam(f"{name}_{column}", values, ARRAY(type_))
+                # One dimension: a list value (JSON) is one element, not a sub-array.
+                bindparam(f"{name}_{column}", values, ARRAY(type_, dimensions=1))
                 for column, (type_, values) in columns.items()
             )
         )
@@ -109,3 +122,18 @@ def insert_rows(table: Table, rows: Sequence[Mapping[str, Any]]) -> Insert:
     columns = list(rows[0])
     given = array_rows("given", **{c: (table.c[c].type, [row[c] for row in rows]) for c in columns})
     return insert(table).from_select(columns, select(given))
+
+
+def update_rows(table: Table, key: str, rows: Sequence[Mapping[str, Any]]) -> Update:
+    """UPDATE ... FROM array_rows: each of `rows` (dicts with the same keys, `key` among
+    them and unique) sets its other columns on the table's row with the same `key`.
+
+    Not an executemany: SQLAlchemy builds and asyncpg sends the parameters row by row,
+    and the ORM's flush compares every attribute of every object first."""
+    columns = list(rows[0])
+    given = array_rows("given", **{c: (table.c[c].type, [row[c] for row in rows]) for c in columns})
+    return (
+        update(table)
+        .where(table.c[key] == given.c[key])
+        .values({c: given.c[c] for c in columns if c != key})
+    )

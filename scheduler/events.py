@@ -14,15 +14,13 @@ reliability counts, and the settlement's few (billing/settlement.py).
 """
 
 import logging
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from sqlalchemy import func, inspect, select
+from sqlalchemy import func, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import defer
-from sqlalchemy.orm.attributes import flag_modified
 
 from billing import settlement
 from billing.settings import BillingSettings
@@ -30,7 +28,7 @@ from billing.settlement import Charged, EndedAttempt, FinishedJob
 from common.db import one_of
 from common.messages import JobEvent
 from provider_registry import capacity, reliability
-from scheduler import settling, states
+from scheduler import job_store, settling, states
 from scheduler.models import Job, JobOutput
 from scheduler.retries import RetryPolicy, requeue_or_fail
 
@@ -127,7 +125,7 @@ async def _apply(
     finished = (
         settling.mark_finished([e.job for e in effects if e.job is not None], now) if settle else []
     )
-    await _flush_jobs(session, jobs.values())
+    await job_store.write_changed(session, jobs.values(), _EVENT_COLUMNS)
     freed = await capacity.release_many(session, set(writes.releases.values()))
     for index, job_id in writes.releases.items():
         # No GPU can be reserved for a job while its row is locked: the first event of
@@ -264,10 +262,9 @@ async def _finish(
     effect.new_status = job.status
 
 
-# Every column an event (or the requeue it causes) may write. Each changed job writes
-# them all, so the ORM sends the batch's jobs in one executemany UPDATE instead of one
-# per run of jobs that changed different columns. A column missing here costs one
-# UPDATE more, never a wrong row.
+# Every column an event (or the requeue it causes) may write: each changed job writes
+# them all, in one UPDATE for the batch (job_store.write_changed refuses a change to
+# any other).
 _EVENT_COLUMNS = (
     "status",
     "attempt",
@@ -289,14 +286,6 @@ _EVENT_COLUMNS = (
     "finished_at",
     "settled_at",
 )
-
-
-async def _flush_jobs(session: AsyncSession, jobs: Iterable[Job]) -> None:
-    for job in jobs:
-        if inspect(job).modified:
-            for column in _EVENT_COLUMNS:
-                flag_modified(job, column)
-    await session.flush()
 
 
 def _run_time(

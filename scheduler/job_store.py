@@ -4,16 +4,18 @@ Functions take the session; the caller owns the transaction.
 """
 
 import uuid
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from datetime import timedelta
 from decimal import Decimal
 
-from sqlalchemy import func, select
+from sqlalchemy import func, inspect, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from billing import ledger, reports
 from billing.holds import InsufficientFunds, admit_holds
 from billing.settings import BillingSettings
+from common.db import update_rows
 from common.errors import NotFound
 from common.ids import is_uuid
 from scheduler import settling, states
@@ -140,6 +142,33 @@ async def create_submissions(
     await session.flush()
     await ledger.post(session, postings)
     return results
+
+
+async def write_changed(
+    session: AsyncSession, jobs: Iterable[Job], columns: Collection[str]
+) -> None:
+    """Writes the jobs changed in memory in one UPDATE, all of `columns` for each, and takes
+    them out of the session (its flush would write them again, row by row).
+
+    For the scheduler's batches: its changes are the same few columns for hundreds of
+    jobs, where the ORM's flush costs ~60 us a job. Raises on a change to any other
+    column, which would otherwise be lost."""
+    changed = [job for job in jobs if inspect(job).modified]
+    if not changed:
+        return
+    for job in changed:
+        if stray := inspect(job).committed_state.keys() - set(columns):
+            raise ValueError(f"job {job.id}: {sorted(stray)} changed but not written")
+    with session.no_autoflush:  # not the ORM's writes of these same jobs first
+        await session.execute(
+            update_rows(
+                Job.__table__,
+                "id",
+                [{"id": job.id, **{c: getattr(job, c) for c in columns}} for job in changed],
+            )
+        )
+    for job in changed:
+        session.expunge(job)
 
 
 async def get_job(session: AsyncSession, job_id: str, owner_id: str | None = None) -> Job:

@@ -29,7 +29,7 @@ from common.gpu_models import canonical_model
 from common.messages import TaskAssignment, TaskInput
 from common.types import EGRESS_LABEL, version_number
 from provider_registry import capacity
-from scheduler import queue_order, retries, states
+from scheduler import job_store, queue_order, retries, states
 from scheduler.fleet_index import Demand, FleetIndex
 from scheduler.fleet_sync import FleetSync
 from scheduler.models import Job
@@ -159,36 +159,38 @@ class Placer:
                 .with_for_update(skip_locked=True)
             )
         ).all()
+        # The jobs' changes go out together at the end, not flushed before each statement.
+        with session.no_autoflush:
+            await self._place(session, sorted(jobs, key=lambda j: order[j.id]), result)
+        await job_store.write_changed(session, jobs, _PLACEMENT_COLUMNS)
+
+    async def _place(self, session: AsyncSession, pending: list[Job], result: PassResult) -> None:
         now = datetime.now(UTC)
-        pending = sorted(jobs, key=lambda j: order[j.id])
         # Per job, the machines where it lost a race this pass: their rows may still be
         # locked by the replica that won, so a fresh read can show them free.
         lost_on: dict[str, frozenset[str]] = {}
-        # The jobs' updates go out together at commit (one executemany), not one flush
-        # before each statement below.
-        with session.no_autoflush:
-            for _ in range(1 + RACE_RETRIES):
-                picks = self._decide(pending, lost_on)
-                reserved = await capacity.reserve_exact(session, [w for _, w in picks])
-                pending = []
-                for job, wanted in picks:
-                    reservation = reserved.get(job.id)
-                    if reservation is None:
-                        self.index.release(wanted.provider_id, wanted.gpu_uuids)
-                        lost_on[job.id] = lost_on.get(job.id, frozenset()) | {wanted.provider_id}
-                        pending.append(job)
-                        continue
-                    _assign(job, reservation, now)
-                    result.placements.append(
-                        Placement(reservation.provider_id, task_for(job, reservation))
-                    )
-                if not pending:
-                    return
-                # Another replica took some of those GPUs, or the machines changed since
-                # we looked: read them again, then decide again for those jobs together
-                # (a statement per round, however many jobs lost).
-                result.races_lost += len(pending)
-                await self.sync.reload(session, {p for job in pending for p in lost_on[job.id]})
+        for _ in range(1 + RACE_RETRIES):
+            picks = self._decide(pending, lost_on)
+            reserved = await capacity.reserve_exact(session, [w for _, w in picks])
+            pending = []
+            for job, wanted in picks:
+                reservation = reserved.get(job.id)
+                if reservation is None:
+                    self.index.release(wanted.provider_id, wanted.gpu_uuids)
+                    lost_on[job.id] = lost_on.get(job.id, frozenset()) | {wanted.provider_id}
+                    pending.append(job)
+                    continue
+                _assign(job, reservation, now)
+                result.placements.append(
+                    Placement(reservation.provider_id, task_for(job, reservation))
+                )
+            if not pending:
+                return
+            # Another replica took some of those GPUs, or the machines changed since
+            # we looked: read them again, then decide again for those jobs together
+            # (a statement per round, however many jobs lost).
+            result.races_lost += len(pending)
+            await self.sync.reload(session, {p for job in pending for p in lost_on[job.id]})
         for job in pending:
             _wait(job)
 
@@ -246,6 +248,19 @@ class _Triage:
                 self.fits.append(row)
             elif reason is not None and row.waiting_reason != reason:
                 self.reasons[row.id] = reason
+
+
+# What _assign and _wait write.
+_PLACEMENT_COLUMNS = (
+    "status",
+    "waiting_reason",
+    "not_before",
+    "provider_id",
+    "gpu_uuids",
+    "price_per_gpu_hour",
+    "gpu_model",
+    "assigned_at",
+)
 
 
 def _assign(job: Job, reservation: capacity.Reservation, now: datetime) -> None:

@@ -15,6 +15,7 @@ import jwt
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from common.aio import Flights
 from common.errors import Forbidden, Unauthorized
 from common.tokens import ACCESS_AUDIENCE, AGENT_PREFIX, ALGORITHM, API_KEY_PREFIX, ISSUER
 from gateway.auth_cache import AuthCache, cache_key
@@ -86,8 +87,14 @@ class JwksCache:
         self.verified_max = verified_max
         # (token, audience) -> claims, oldest first.
         self._verified: dict[tuple[str, str], dict] = {}
+        # When the keys age out, every request in flight finds them stale at once.
+        self._fetches: Flights[None] = Flights()
 
     async def _fetch(self) -> None:
+        """The keys, fetched once for all the requests that want them now."""
+        await self._fetches.run("jwks", self._fetch_now)
+
+    async def _fetch_now(self) -> None:
         jwks = await self.auth.request("GET", "/.well-known/jwks.json")
         self.keys = {k["kid"]: jwt.PyJWK(k) for k in jwks["keys"]}
         self.fetched_at = time.monotonic()

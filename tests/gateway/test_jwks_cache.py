@@ -4,6 +4,7 @@ change, and nothing that would fail verification passes through the kept answers
 Unit tests: auth_service's JWKS endpoint is a fake that counts its calls; the tokens are
 real Ed25519 JWTs signed the way auth_service signs them."""
 
+import asyncio
 import time
 from datetime import UTC, datetime
 
@@ -123,6 +124,24 @@ async def test_keys_older_than_their_age_are_fetched_before_a_kept_answer(key) -
     auth.keys = []
     with pytest.raises(Unauthorized, match="unknown key"):
         await cache.verify(access, ACCESS_AUDIENCE)
+
+
+class SlowAuth(FakeAuth):
+    async def request(self, method: str, path: str) -> dict:
+        await asyncio.sleep(0.05)
+        return await super().request(method, path)
+
+
+async def test_keys_gone_stale_are_fetched_once_for_every_request_in_flight(key) -> None:  # type: ignore[no-untyped-def]
+    auth = SlowAuth(key)
+    cache = JwksCache(auth, min_interval_s=1, max_age_s=300)
+    access = token(key)
+    await cache.verify(access, ACCESS_AUDIENCE)
+    cache.fetched_at -= 301
+    # 128 connections' requests meet the stale keys together.
+    claims = await asyncio.gather(*(cache.verify(access, ACCESS_AUDIENCE) for _ in range(128)))
+    assert {c["sub"] for c in claims} == {"user-1"}
+    assert auth.fetches == 2
 
 
 async def test_an_answer_is_kept_per_audience(key) -> None:  # type: ignore[no-untyped-def]

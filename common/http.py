@@ -10,6 +10,7 @@ from urllib.parse import parse_qs
 from fastapi import FastAPI, Header, HTTPException, Request, status
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.telemetry import TelemetryConfig
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     REGISTRY,
@@ -24,6 +25,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from common.body_limit import DEFAULT_MAX_BODY_BYTES, BodyLimitMiddleware
 from common.errors import DomainError
 from common.request_context import RequestIdMiddleware
+
+# For FastAPI(telemetry=...): our metrics are Prometheus'. FastAPI's own OpenTelemetry
+# otherwise asks the global tracer, meter and logger providers, on every request,
+# whether anyone configured them.
+NO_TELEMETRY: TelemetryConfig = {"tracing": False, "metrics": False, "logs": False}
 
 HTTP_REQUESTS = Counter(
     "http_requests_total", "HTTP requests served", ["service", "method", "route", "status"]

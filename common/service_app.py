@@ -8,7 +8,7 @@ from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from common.db import check_database, make_engine, make_sessionmaker
 from common.discovery import Registration, consul_address, consul_name, register_service
-from common.http import install_common
+from common.http import NO_TELEMETRY, install_common
 from common.logging import configure_logging
 from common.settings import ServiceSettings
 
@@ -52,7 +52,7 @@ def create_service_app(
                 await on_shutdown(app)
             await app.state.engine.dispose()
 
-    app = FastAPI(title=name, lifespan=lifespan, **fastapi_kwargs)  # type: ignore[arg-type]
+    app = FastAPI(title=name, lifespan=lifespan, telemetry=NO_TELEMETRY, **fastapi_kwargs)  # type: ignore[arg-type]
     app.state.settings = settings
 
     async def check() -> None:

@@ -28,7 +28,7 @@ from common import subjects
 from common.aio import wait_event
 from common.db import check_database, make_engine, make_sessionmaker
 from common.embedded_server import EmbeddedServer
-from common.http import install_common
+from common.http import NO_TELEMETRY, install_common
 from common.logging import configure_logging
 from common.messages import JobEvent, ProviderLost, TaskCancel
 from common.nats_client import connect_nats
@@ -364,7 +364,7 @@ async def consume(
 
 
 def health_app(scheduler_state: dict) -> FastAPI:
-    app = FastAPI(title="scheduler")
+    app = FastAPI(title="scheduler", telemetry=NO_TELEMETRY)
 
     async def health() -> None:
         if not scheduler_state["nc"].is_connected:

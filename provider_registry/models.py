@@ -16,6 +16,7 @@ from sqlalchemy import (
     String,
     UniqueConstraint,
     func,
+    text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Mapped, mapped_column, relationship
@@ -32,6 +33,8 @@ LEFT = "left"
 
 # One counter for every change that matters to placement (see capacity_seq below).
 CAPACITY_SEQ = Sequence("capacity_seq", metadata=Base.metadata)
+# The current transaction's id, comparable with pg_snapshot_xmin() cast the same way.
+CURRENT_XID = "pg_current_xact_id()::text::bigint"
 
 
 class Provider(Base):
@@ -58,6 +61,11 @@ class Provider(Base):
     # refresh their in-memory view of the fleet from the rows changed since they looked.
     capacity_seq: Mapped[int] = mapped_column(
         BigInteger, server_default=CAPACITY_SEQ.next_value(), index=True
+    )
+    # The transaction that set capacity_seq (its xid8, as a bigint): a refresh re-reads
+    # the rows written by transactions that had not ended at its last look.
+    capacity_xid: Mapped[int] = mapped_column(
+        BigInteger, server_default=text(CURRENT_XID), index=True
     )
     last_heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     # Set while the machine may take no work whatever its heartbeats say: its owner was
@@ -102,6 +110,9 @@ class Gpu(Base):
     metrics_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     capacity_seq: Mapped[int] = mapped_column(
         BigInteger, server_default=CAPACITY_SEQ.next_value(), index=True
+    )
+    capacity_xid: Mapped[int] = mapped_column(
+        BigInteger, server_default=text(CURRENT_XID), index=True
     )
 
     provider: Mapped[Provider] = relationship(back_populates="gpus")

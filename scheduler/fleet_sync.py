@@ -1,8 +1,10 @@
 """Keeps a FleetIndex in step with the registry's tables.
 
 Every change that matters to placement gives the changed `providers` or `gpus` row a new
-`capacity_seq` (triggers, migration 0005), so a refresh reloads only the machines with a
-value it has not applied yet. Rows come back as plain tuples (no ORM objects) and
+`capacity_seq` and records the writing transaction in `capacity_xid` (triggers,
+migrations 0005 and 0009), so a refresh reads only the rows written by transactions that
+had not ended at its last look, and reloads the machines with a value it has not
+applied yet. Rows come back as plain tuples (no ORM objects) and
 become numpy columns; the index groups GPUs into pools with numpy, so a full load of
 100,000 machines takes seconds.
 """
@@ -27,6 +29,7 @@ from sqlalchemy import (
     cast,
     func,
     select,
+    text,
     union_all,
 )
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -37,6 +40,9 @@ from scheduler.fleet_index import FleetIndex, FleetSnapshot
 
 # Machines per reload statement, to keep the IN lists reasonable.
 _BATCH = 5000
+
+# Every transaction with a lower id had ended when this statement began.
+_HORIZON = select(text("pg_snapshot_xmin(pg_current_snapshot())::text::bigint"))
 
 
 def version_sql(column: Any) -> ColumnElement[int]:
@@ -65,6 +71,7 @@ def _machines_query() -> Select:
         Provider.memory_mb,
         Provider.capacity_seq,
         Provider.state == LEFT,
+        Provider.capacity_xid,
     )
 
 
@@ -79,6 +86,7 @@ def _gpus_query() -> Select:
         Gpu.healthy,
         Gpu.reserved_job_id.is_not(None),
         Gpu.capacity_seq,
+        Gpu.capacity_xid,
     )
 
 
@@ -107,25 +115,36 @@ def _collector_paused() -> Iterator[None]:
 class FleetSync:
     """Loads the fleet into `index` (`full`), then keeps it current (`refresh`).
 
-    Why `lookback`: a sequence value is taken before its transaction commits, so a
-    transaction can commit a value lower than one a refresh has already read (it took
-    its value first but committed last). Each refresh therefore re-reads the last
-    `lookback` values and reloads the machines with one it has not applied yet; a
-    commit that lags by more than that many changes waits for the next `full`, which
-    the scheduler runs periodically as a backstop.
+    What a refresh reads: a capacity_seq value is taken before its transaction commits,
+    so a transaction can commit a value lower than one a refresh has already read (it
+    took its value first but committed last). A refresh therefore notes the horizon of
+    its snapshot (every transaction below it had ended) and the next one reads the rows
+    written by transactions at or above it: those that ended since, and those still
+    open, whose rows it will read again once they commit. It reloads the machines among
+    them with a value it has not applied yet. That is the last moment's changes, however
+    many there were, where a fixed window of the last `lookback` values had to be wide
+    enough for the busiest moment (5,000 values: thousands of rows read again per pass).
+
+    `lookback` still caps the values a refresh looks at, for a transaction left open
+    for minutes (it holds the horizon back): past that, its commit waits for the next
+    `full`, which the scheduler runs periodically as a backstop.
 
     Calls take turns (a lock): a reload that read rows before an overlapping `full`
     and applied them after it would otherwise leave the index behind the database.
     """
 
-    def __init__(self, index: FleetIndex, lookback: int = 5000) -> None:
+    def __init__(self, index: FleetIndex, lookback: int = 100_000) -> None:
         self.index = index
         self.lookback = lookback
         self.high = 0  # the highest capacity_seq read so far
-        # The values above high - lookback that the index reflects: a row showing one of
-        # these has not changed since it was loaded.
+        # Every transaction below this id had ended at the last look.
+        self.horizon = 0
+        # The values, of rows a refresh may read again, that the index reflects: a row
+        # showing one of these has not changed since it was loaded.
         self._applied: set[int] = set()
         self._lock = asyncio.Lock()
+        # Rows the last refresh read (changed, or written since the look before).
+        self.reread = 0
 
     async def full(self, session: AsyncSession) -> int:
         """Replaces the index's content with every machine that has not left."""
@@ -133,6 +152,7 @@ class FleetSync:
             return await self._full(session)
 
     async def _full(self, session: AsyncSession) -> int:
+        horizon = await session.scalar(_HORIZON)
         high = await session.scalar(
             select(
                 func.greatest(
@@ -141,7 +161,6 @@ class FleetSync:
                 )
             )
         )
-        since = (high or 0) - self.lookback
         live = select(Provider.id).where(Provider.state != LEFT)
         with _collector_paused():
             machines = (
@@ -150,13 +169,17 @@ class FleetSync:
                 )
             ).all()
             gpus = (await session.execute(_gpus_query().where(Gpu.provider_id.in_(live)))).all()
-            snapshot, seqs = _snapshot(machines, gpus, since)
+            self.horizon = horizon
+            self.high = max(self.high, high or 0)
+            snapshot, seqs = _snapshot(machines, gpus, self._since, horizon)
             self.index.load(snapshot)
             del machines, gpus  # while the collector is still paused
-        self._applied = set()
-        self.high = max(self.high, high or 0)
-        self._remember(seqs)
+        self._applied = set(seqs)
         return len(self.index)
+
+    @property
+    def _since(self) -> int:
+        return self.high - self.lookback
 
     async def refresh(self, session: AsyncSession) -> int:
         """Reloads the machines changed since the last look; returns how many."""
@@ -164,15 +187,26 @@ class FleetSync:
             return await self._refresh(session)
 
     async def _refresh(self, session: AsyncSession) -> int:
-        since = self.high - self.lookback
+        horizon = await session.scalar(_HORIZON)
+        since = self._since
+        # `+ 0`: the cap is a filter; the index to read by is capacity_xid's.
         changed = union_all(
-            select(Provider.id, Provider.capacity_seq).where(Provider.capacity_seq > since),
-            select(Gpu.provider_id, Gpu.capacity_seq).where(Gpu.capacity_seq > since),
+            select(Provider.id, Provider.capacity_seq).where(
+                Provider.capacity_xid >= self.horizon, Provider.capacity_seq + 0 > since
+            ),
+            select(Gpu.provider_id, Gpu.capacity_seq).where(
+                Gpu.capacity_xid >= self.horizon, Gpu.capacity_seq + 0 > since
+            ),
         )
         rows = (await session.execute(changed)).all()
-        self._applied = {s for s in self._applied if s > since}
+        self.reread = len(rows)
         stale = {provider_id for provider_id, seq in rows if seq not in self._applied}
+        # What the next refresh can read again: these rows (applied already, or by the
+        # reload below) and whatever the reload reads.
+        self._applied = {seq for _, seq in rows}
+        self.high = max(self.high, max((seq for _, seq in rows), default=0))
         await self._reload(session, stale)
+        self.horizon = horizon
         return len(stale)
 
     async def reload(self, session: AsyncSession, provider_ids: Iterable[str]) -> None:
@@ -183,7 +217,6 @@ class FleetSync:
 
     async def _reload(self, session: AsyncSession, provider_ids: Iterable[str]) -> None:
         wanted = sorted(set(provider_ids))
-        since = self.high - self.lookback
         for start in range(0, len(wanted), _BATCH):
             batch = wanted[start : start + _BATCH]
             machines = (
@@ -198,7 +231,7 @@ class FleetSync:
                     _gpus_query().where(one_of(Gpu.provider_id, batch, "provider_ids"))
                 )
             ).all()
-            snapshot, seqs = _snapshot(machines, gpus, since)
+            snapshot, seqs = _snapshot(machines, gpus, self._since, self.horizon)
             present = set(snapshot.provider_ids)
             for provider_id in batch:
                 if provider_id not in present:
@@ -208,20 +241,20 @@ class FleetSync:
 
     def _remember(self, seqs: list[int]) -> None:
         self.high = max(self.high, max(seqs, default=0))
-        since = self.high - self.lookback
-        self._applied.update(s for s in seqs if s > since)
+        self._applied.update(seqs)
 
 
 def _snapshot(
-    machines: Sequence[Any], gpus: Sequence[Any], since: int
+    machines: Sequence[Any], gpus: Sequence[Any], since: int, horizon: int
 ) -> tuple[FleetSnapshot, list[int]]:
     """The snapshot of these rows but the machines that left, and the capacity_seq values
-    above `since` that all of them hold."""
-    m = list(zip(*machines, strict=True)) or [()] * 11
-    g = list(zip(*gpus, strict=True)) or [()] * 9
+    above `since` of the rows a refresh may read again (written at or above `horizon`)."""
+    m = list(zip(*machines, strict=True)) or [()] * 12
+    g = list(zip(*gpus, strict=True)) or [()] * 10
     seqs = np.concatenate([np.asarray(m[9], dtype=np.int64), np.asarray(g[8], dtype=np.int64)])
+    xids = np.concatenate([np.asarray(m[11], dtype=np.int64), np.asarray(g[9], dtype=np.int64)])
     if any(m[10]):
-        m = list(zip(*(row for row in machines if not row[10]), strict=True)) or [()] * 11
+        m = list(zip(*(row for row in machines if not row[10]), strict=True)) or [()] * 12
     position = {provider_id: i for i, provider_id in enumerate(m[0])}
     gpu_machine = np.fromiter(map(position.get, g[0], repeat(-1)), np.int64, len(g[0]))
     if (gpu_machine < 0).any():  # GPUs of machines that left, or appeared in between
@@ -230,11 +263,11 @@ def _snapshot(
         gpu_machine = gpu_machine[keep]
     parsed: dict[str, dict[str, str]] = {}
     labels = []
-    for text in m[4]:
-        found = parsed.get(text)
+    for raw in m[4]:
+        found = parsed.get(raw)
         if found is None:
-            loaded = json.loads(text) if text else {}
-            found = parsed[text] = {str(k): str(v) for k, v in loaded.items()}
+            loaded = json.loads(raw) if raw else {}
+            found = parsed[raw] = {str(k): str(v) for k, v in loaded.items()}
         labels.append(found)
     snapshot = FleetSnapshot.from_gpus(
         provider_ids=list(m[0]),
@@ -255,4 +288,4 @@ def _snapshot(
         gpu_healthy=g[6],
         gpu_reserved=g[7],
     )
-    return snapshot, seqs[seqs > since].tolist()
+    return snapshot, seqs[(seqs > since) & (xids >= horizon)].tolist()

@@ -13,7 +13,7 @@ from scheduler.fleet_sync import FleetSync, version_sql
 from tests.scheduler.fleet_factories import add_machine, capacity_seqs, set_gpus, set_provider
 
 
-async def synced(db: async_sessionmaker, lookback: int = 5000) -> FleetSync:
+async def synced(db: async_sessionmaker, lookback: int = 100_000) -> FleetSync:
     sync = FleetSync(FleetIndex(), lookback=lookback)
     async with db() as session:
         await sync.full(session)
@@ -179,7 +179,8 @@ class TestRefresh:
     async def test_a_late_commit_with_an_older_value_is_caught(
         self, db: async_sessionmaker
     ) -> None:
-        """The reason for the lookback: T1 takes its value first but commits last."""
+        """T1 takes its value first but commits last: the refresh in between read
+        T2's higher value; the one after T1's commit must still read T1's row."""
         slow, quick = await add_machine(db, gpus=1), await add_machine(db, gpus=1)
         sync = await synced(db)
         async with db.begin() as t1:
@@ -194,9 +195,42 @@ class TestRefresh:
         assert await refresh(db, sync) == 1
         assert chosen(sync, count=1) is None
 
-    async def test_without_lookback_a_late_commit_waits_for_full(
+    async def test_a_transaction_open_across_many_changes_is_caught(
         self, db: async_sessionmaker
     ) -> None:
+        """However many refreshes and changes of other machines come meanwhile."""
+        slow = await add_machine(db, gpus=1)
+        others = [await add_machine(db, gpus=1) for _ in range(5)]
+        sync = await synced(db)
+        async with db.begin() as t1:
+            await t1.execute(
+                Gpu.__table__.update()
+                .where(Gpu.provider_id == slow.id)
+                .values(reserved_job_id="late")
+            )
+            for round_ in range(20):
+                for other in others:
+                    await set_gpus(
+                        db, other.id, reserved_job_id=f"j{round_}" if round_ % 2 else None
+                    )
+                await refresh(db, sync)
+            assert chosen(sync, count=1) == slow.id
+        assert await refresh(db, sync) == 1
+        assert chosen(sync, count=1) is None
+
+    async def test_only_what_changed_since_the_last_look_is_read_again(
+        self, db: async_sessionmaker
+    ) -> None:
+        machines = [await add_machine(db, gpus=2) for _ in range(4)]
+        sync = await synced(db)
+        for machine in machines:
+            await set_gpus(db, machine.id, price_per_hour=0.7)
+        assert await refresh(db, sync) == 4
+        # Nothing written since, no transaction open: the next look reads no row again.
+        assert await refresh(db, sync) == 0
+        assert sync.reread == 0
+
+    async def test_past_the_cap_a_late_commit_waits_for_full(self, db: async_sessionmaker) -> None:
         slow, quick = await add_machine(db, gpus=1), await add_machine(db, gpus=1)
         sync = await synced(db, lookback=0)
         async with db.begin() as t1:

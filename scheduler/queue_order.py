@@ -21,6 +21,7 @@ from sqlalchemy import cast as sa_cast
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from common.db import one_of
 from scheduler import states
 from scheduler.models import Job
 
@@ -70,7 +71,7 @@ MAX_OWNERS = 10_000
 async def held_gpus(session: AsyncSession, owners: list[str]) -> dict[str, int]:
     rows = await session.execute(
         select(Job.owner_id, func.sum(Job.gpus))
-        .where(Job.status.in_(states.ACTIVE), Job.owner_id.in_(owners))
+        .where(Job.status.in_(states.ACTIVE), one_of(Job.owner_id, owners, "owners"))
         .group_by(Job.owner_id)
     )
     return {owner: int(total) for owner, total in rows.all()}

@@ -115,12 +115,18 @@ async def test_a_withdrawn_key_takes_its_kept_tokens_with_it(key) -> None:  # ty
         await cache.verify(access, ACCESS_AUDIENCE)
 
 
-async def test_keys_older_than_their_age_are_fetched_before_a_kept_answer(key) -> None:  # type: ignore[no-untyped-def]
-    auth = FakeAuth(key)
+async def kept_then_stale(auth: FakeAuth, key) -> tuple[JwksCache, str]:  # type: ignore[no-untyped-def]
+    """A cache that verified and kept a token, and whose keys have since aged out."""
     cache = JwksCache(auth, min_interval_s=1, max_age_s=300)
     access = token(key)
     await cache.verify(access, ACCESS_AUDIENCE)
     cache.fetched_at -= 301
+    return cache, access
+
+
+async def test_keys_older_than_their_age_are_fetched_before_a_kept_answer(key) -> None:  # type: ignore[no-untyped-def]
+    auth = FakeAuth(key)
+    cache, access = await kept_then_stale(auth, key)
     auth.keys = []
     with pytest.raises(Unauthorized, match="unknown key"):
         await cache.verify(access, ACCESS_AUDIENCE)
@@ -134,10 +140,7 @@ class SlowAuth(FakeAuth):
 
 async def test_keys_gone_stale_are_fetched_once_for_every_request_in_flight(key) -> None:  # type: ignore[no-untyped-def]
     auth = SlowAuth(key)
-    cache = JwksCache(auth, min_interval_s=1, max_age_s=300)
-    access = token(key)
-    await cache.verify(access, ACCESS_AUDIENCE)
-    cache.fetched_at -= 301
+    cache, access = await kept_then_stale(auth, key)
     # 128 connections' requests meet the stale keys together.
     claims = await asyncio.gather(*(cache.verify(access, ACCESS_AUDIENCE) for _ in range(128)))
     assert {c["sub"] for c in claims} == {"user-1"}

@@ -1,6 +1,8 @@
 """The fleet index kept in step with a real PostgreSQL through capacity_seq."""
 
 import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import pytest
 from sqlalchemy import literal, select
@@ -23,6 +25,19 @@ async def synced(db: async_sessionmaker, lookback: int = 100_000) -> FleetSync:
 async def refresh(db: async_sessionmaker, sync: FleetSync) -> int:
     async with db() as session:
         return await sync.refresh(session)
+
+
+@asynccontextmanager
+async def reserved_uncommitted(db: async_sessionmaker, provider_id: str) -> AsyncIterator[None]:
+    """The machine's GPUs reserved in a transaction that commits when the block ends: it
+    takes its capacity_seq values now, and commits them after whatever the block does."""
+    async with db.begin() as late:
+        await late.execute(
+            Gpu.__table__.update()
+            .where(Gpu.provider_id == provider_id)
+            .values(reserved_job_id="late")
+        )
+        yield
 
 
 def chosen(sync: FleetSync, **demand) -> str | None:  # type: ignore[no-untyped-def]
@@ -183,12 +198,7 @@ class TestRefresh:
         T2's higher value; the one after T1's commit must still read T1's row."""
         slow, quick = await add_machine(db, gpus=1), await add_machine(db, gpus=1)
         sync = await synced(db)
-        async with db.begin() as t1:
-            await t1.execute(
-                Gpu.__table__.update()
-                .where(Gpu.provider_id == slow.id)
-                .values(reserved_job_id="late")
-            )
+        async with reserved_uncommitted(db, slow.id):
             await set_gpus(db, quick.id, reserved_job_id="early")  # a higher value, first
             assert await refresh(db, sync) == 1
             assert chosen(sync, count=1) == slow.id
@@ -202,12 +212,7 @@ class TestRefresh:
         slow = await add_machine(db, gpus=1)
         others = [await add_machine(db, gpus=1) for _ in range(5)]
         sync = await synced(db)
-        async with db.begin() as t1:
-            await t1.execute(
-                Gpu.__table__.update()
-                .where(Gpu.provider_id == slow.id)
-                .values(reserved_job_id="late")
-            )
+        async with reserved_uncommitted(db, slow.id):
             for round_ in range(20):
                 for other in others:
                     await set_gpus(
@@ -233,12 +238,7 @@ class TestRefresh:
     async def test_past_the_cap_a_late_commit_waits_for_full(self, db: async_sessionmaker) -> None:
         slow, quick = await add_machine(db, gpus=1), await add_machine(db, gpus=1)
         sync = await synced(db, lookback=0)
-        async with db.begin() as t1:
-            await t1.execute(
-                Gpu.__table__.update()
-                .where(Gpu.provider_id == slow.id)
-                .values(reserved_job_id="late")
-            )
+        async with reserved_uncommitted(db, slow.id):
             await set_gpus(db, quick.id, reserved_job_id="early")
             assert await refresh(db, sync) == 1
         assert await refresh(db, sync) == 0

@@ -156,8 +156,9 @@ async def write_changed(
     changed = [job for job in jobs if inspect(job).modified]
     if not changed:
         return
+    written = set(columns)
     for job in changed:
-        if stray := inspect(job).committed_state.keys() - set(columns):
+        if stray := inspect(job).committed_state.keys() - written:
             raise ValueError(f"job {job.id}: {sorted(stray)} changed but not written")
     with session.no_autoflush:  # not the ORM's writes of these same jobs first
         await session.execute(

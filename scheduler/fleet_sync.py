@@ -38,7 +38,7 @@ from common.db import one_of
 from provider_registry.models import LEFT, ONLINE, Gpu, Provider
 from scheduler.fleet_index import FleetIndex, FleetSnapshot
 
-# Machines per reload statement, to keep the IN lists reasonable.
+# Machines per reload statement, to keep its arrays and results reasonable.
 _BATCH = 5000
 
 # Every transaction with a lower id had ended when this statement began.
@@ -203,8 +203,8 @@ class FleetSync:
         stale = {provider_id for provider_id, seq in rows if seq not in self._applied}
         # What the next refresh can read again: these rows (applied already, or by the
         # reload below) and whatever the reload reads.
-        self._applied = {seq for _, seq in rows}
-        self.high = max(self.high, max((seq for _, seq in rows), default=0))
+        self._applied = set()
+        self._remember([seq for _, seq in rows])
         await self._reload(session, stale)
         self.horizon = horizon
         return len(stale)

@@ -152,11 +152,10 @@ class Placer:
 
     async def _reserve(self, session: AsyncSession, job_ids: list[str], result: PassResult) -> None:
         order = {job_id: i for i, job_id in enumerate(job_ids)}
+        # Locked already: next_jobs read them FOR UPDATE in this transaction.
         jobs = (
             await session.scalars(
-                select(Job)
-                .where(one_of(Job.id, job_ids, "job_ids"), Job.status == states.QUEUED)
-                .with_for_update(skip_locked=True)
+                select(Job).where(one_of(Job.id, job_ids, "job_ids"), Job.status == states.QUEUED)
             )
         ).all()
         # The jobs' changes go out together at the end, not flushed before each statement.

@@ -15,7 +15,7 @@ from billing import amounts, ledger
 from billing.metering import meter
 from billing.models import AVAILABLE, EARNINGS, FEES, HELD, PLATFORM, Entry, Transfer, Usage
 from billing.settings import BillingSettings
-from common.db import insert_rows, one_of
+from common.db import ArrayRows, insert_rows, one_of
 from provider_registry.models import Provider
 
 log = logging.getLogger(__name__)
@@ -195,43 +195,72 @@ def _usage(
     }
 
 
+_NOT_SETTLED = select(Usage.job_id, Usage.attempt).where(one_of(Usage.job_id, "job_ids"))
+
+
 async def _not_settled(session: AsyncSession, ended: list[EndedAttempt]) -> list[EndedAttempt]:
     """Drops attempts settled before (a replay); the caller's job locks keep it so."""
     if not ended:
         return []
-    done = set(
-        (
-            await session.execute(
-                select(Usage.job_id, Usage.attempt).where(
-                    one_of(Usage.job_id, {a.job_id for a in ended}, "job_ids")
-                )
-            )
-        ).all()
-    )
+    rows = await session.execute(_NOT_SETTLED, {"job_ids": [a.job_id for a in ended]})
+    done = set(rows)
     return [a for a in ended if (a.job_id, a.attempt) not in done]
+
+
+_USAGES = ArrayRows.of(
+    Usage.__table__,
+    (
+        "job_id",
+        "attempt",
+        "owner_id",
+        "provider_id",
+        "provider_owner_id",
+        "gpu_model",
+        "gpus",
+        "price_per_gpu_hour",
+        "started_at",
+        "ended_at",
+        "provider_seconds",
+        "platform_seconds",
+        "clock",
+        "billed_seconds",
+        "chargeable",
+        "cost",
+        "fee",
+        "reason",
+    ),
+)
+_RECORD = (
+    insert_rows(Usage.__table__, _USAGES)
+    .on_conflict_do_nothing(index_elements=["job_id", "attempt"])
+    .returning(Usage.job_id, Usage.attempt)
+)
 
 
 async def _record(session: AsyncSession, usages: list[dict]) -> set[tuple[str, int]]:
     """Inserts the usage rows; returns the attempts that were not settled before."""
     if not usages:
         return set()
-    rows = await session.execute(
-        insert_rows(Usage.__table__, usages)
-        .on_conflict_do_nothing(index_elements=["job_id", "attempt"])
-        .returning(Usage.job_id, Usage.attempt)
-    )
-    return {(r.job_id, r.attempt) for r in rows}
+    rows = await session.execute(_RECORD, _USAGES.params(usages))
+    return set(rows)
+
+
+_OWNERS = select(Provider.id, Provider.owner_id).where(one_of(Provider.id, "provider_ids"))
 
 
 async def _provider_owners(session: AsyncSession, provider_ids: set[str]) -> dict[str, str]:
     if not provider_ids:
         return {}
-    rows = await session.execute(
-        select(Provider.id, Provider.owner_id).where(
-            one_of(Provider.id, provider_ids, "provider_ids")
-        )
-    )
+    rows = await session.execute(_OWNERS, {"provider_ids": list(provider_ids)})
     return {r.id: r.owner_id for r in rows}
+
+
+_HELD = (
+    select(Transfer.job_id, Entry.account_id, func.sum(Entry.amount))
+    .join(Entry, Entry.transfer_id == Transfer.id)
+    .where(one_of(Transfer.job_id, "job_ids"))
+    .group_by(Transfer.job_id, Entry.account_id)
+)
 
 
 async def _held_per_job(
@@ -242,12 +271,7 @@ async def _held_per_job(
     left = {job: Decimal(0) for job in held_account}
     if not held_account:
         return left
-    rows = await session.execute(
-        select(Transfer.job_id, Entry.account_id, func.sum(Entry.amount))
-        .join(Entry, Entry.transfer_id == Transfer.id)
-        .where(one_of(Transfer.job_id, held_account, "job_ids"))
-        .group_by(Transfer.job_id, Entry.account_id)
-    )
+    rows = await session.execute(_HELD, {"job_ids": list(held_account)})
     for job_id, account_id, amount in rows:
         if held_account[job_id] == account_id:
             left[job_id] = amount

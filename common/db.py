@@ -1,7 +1,7 @@
 """The declarative base shared by every service's tables, the engine factory, and rows
 passed to a statement as arrays."""
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from prometheus_client import Counter
@@ -86,54 +86,70 @@ async def check_database(engine: AsyncEngine) -> None:
         await conn.execute(text("SELECT 1"))
 
 
-def one_of(column: Any, values: Iterable[str], name: str) -> ColumnElement[bool]:
-    """`column = ANY(:name)`, the values (strings, sorted) as one array parameter.
+def one_of(column: Any, name: str) -> ColumnElement[bool]:
+    """`column = ANY(:name)`: the values (strings) go as one array parameter when the
+    statement runs, `{name: [...]}`.
 
     Not an IN list: that changes the statement's text with its length, so SQLAlchemy
     compiles and asyncpg prepares (and Postgres plans) it again for every size."""
-    return column == any_(bindparam(name, sorted(values), ARRAY(String)))
+    return column == any_(bindparam(name, type_=ARRAY(String)))
 
 
-def array_rows(name: str, **columns: tuple[Any, Sequence[Any]]) -> TableValuedAlias:
-    """Rows given as one array per column (`column=(type, values)`), as a derived table
-    named `name` (Postgres unnest).
+class ArrayRows:
+    """Rows given as one array per column, as a derived table named `name` (Postgres
+    unnest), for statements built once: the arrays are bound when the statement runs,
+    from `params(rows)`.
 
     Why not a VALUES list or an executemany: a VALUES list changes the statement's text
     with its length, so SQLAlchemy compiles and asyncpg prepares it again for every size;
     an executemany runs once per row, statement triggers included. Arrays keep one text
-    whatever the number of rows.
+    whatever the number of rows. Why built once: building a statement and its cache key
+    costs more than running it (~0.75 ms for an UPDATE of 20 columns on the 2-core
+    machine, BENCHMARKS.md), and the scheduler's batches are a dozen statements each.
     """
-    return (
-        func.unnest(
-            *(
-                # One dimension: a list value (JSON) is one element, not a sub-array.
-                bindparam(f"{name}_{column}", values, ARRAY(type_, dimensions=1))
-                for column, (type_, values) in columns.items()
+
+    def __init__(self, name: str, **types: Any) -> None:
+        self.name = name
+        self.columns = tuple(types)
+        self.table: TableValuedAlias = (
+            func.unnest(
+                *(
+                    # One dimension: a list value (JSON) is one element, not a sub-array.
+                    bindparam(self._param(column), type_=ARRAY(type_, dimensions=1))
+                    for column, type_ in types.items()
+                )
             )
+            .table_valued(*self.columns)
+            .render_derived(name=name)
         )
-        .table_valued(*columns)
-        .render_derived(name=name)
-    )
+
+    @classmethod
+    def of(cls, table: Table, columns: Sequence[str], name: str = "given") -> "ArrayRows":
+        """Rows of these columns of `table`, with the table's own column types."""
+        return cls(name, **{c: table.c[c].type for c in columns})
+
+    def params(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, list[Any]]:
+        """The execute parameters for `rows` (dicts with at least the columns as keys)."""
+        return {self._param(c): [row[c] for row in rows] for c in self.columns}
+
+    def _param(self, column: str) -> str:
+        return f"{self.name}_{column}"
 
 
-def insert_rows(table: Table, rows: Sequence[Mapping[str, Any]]) -> Insert:
-    """INSERT ... SELECT of `rows` (dicts with the same keys) through array_rows, with the
-    table's own column types: one statement and one text for any number of rows."""
-    columns = list(rows[0])
-    given = array_rows("given", **{c: (table.c[c].type, [row[c] for row in rows]) for c in columns})
-    return insert(table).from_select(columns, select(given))
+def insert_rows(table: Table, rows: ArrayRows) -> Insert:
+    """INSERT ... SELECT of the rows: one statement and one text for any number of rows."""
+    return insert(table).from_select(list(rows.columns), select(rows.table))
 
 
-def update_rows(table: Table, key: str, rows: Sequence[Mapping[str, Any]]) -> Update:
-    """UPDATE ... FROM array_rows: each of `rows` (dicts with the same keys, `key` among
-    them and unique) sets its other columns on the table's row with the same `key`.
+def update_rows(table: Table, key: str, rows: ArrayRows) -> Update:
+    """UPDATE ... FROM the rows: each (`key` among its columns, unique) sets its other
+    columns on the table's row with the same `key`.
 
     Not an executemany: SQLAlchemy builds and asyncpg sends the parameters row by row,
     and the ORM's flush compares every attribute of every object first."""
-    columns = list(rows[0])
-    given = array_rows("given", **{c: (table.c[c].type, [row[c] for row in rows]) for c in columns})
+    given = rows.table
     return (
         update(table)
         .where(table.c[key] == given.c[key])
-        .values({c: given.c[c] for c in columns if c != key})
+        .values({c: given.c[c] for c in rows.columns if c != key})
     )

@@ -11,10 +11,10 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from decimal import Decimal
 
-from sqlalchemy import ColumnElement, Numeric, Row, String, select, update
+from sqlalchemy import ColumnElement, Numeric, Row, String, Update, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from common.db import array_rows, one_of
+from common.db import ArrayRows, one_of
 from provider_registry.models import ONLINE, Gpu, Provider
 
 
@@ -47,26 +47,33 @@ async def release(session: AsyncSession, job_id: str) -> int:
     return result.rowcount or 0
 
 
-async def release_many(session: AsyncSession, job_ids: Collection[str]) -> dict[str, int]:
-    """Frees every GPU these jobs hold, in one statement; returns how many each job had
-    (jobs that held none are left out)."""
-    if not job_ids:
-        return {}
+def _release_many() -> Update:
     gpus = Gpu.__table__.c
     # The rows as locked, so RETURNING can say whose they were (it sees the new row).
     held = (
         select(gpus.id, gpus.reserved_job_id)
-        .where(one_of(gpus.reserved_job_id, job_ids, "job_ids"))
+        .where(one_of(gpus.reserved_job_id, "job_ids"))
         .order_by(gpus.id)
         .with_for_update()
         .cte("held")
     )
-    rows = await session.execute(
+    return (
         update(Gpu.__table__)
         .where(gpus.id == held.c.id)
         .values(reserved_job_id=None)
         .returning(held.c.reserved_job_id)
     )
+
+
+_RELEASE_MANY = _release_many()
+
+
+async def release_many(session: AsyncSession, job_ids: Collection[str]) -> dict[str, int]:
+    """Frees every GPU these jobs hold, in one statement; returns how many each job had
+    (jobs that held none are left out)."""
+    if not job_ids:
+        return {}
+    rows = await session.execute(_RELEASE_MANY, {"job_ids": list(job_ids)})
     return dict(Counter(rows.scalars()))
 
 
@@ -81,28 +88,15 @@ class Wanted:
     max_price_per_hour: Decimal | None = None
 
 
-async def reserve_exact(session: AsyncSession, wanted: list[Wanted]) -> dict[str, Reservation]:
-    """Reserves the named GPUs of many jobs in one statement: a placement pass's worth.
+# Arrays, not a VALUES list: one statement text whatever the number of GPUs.
+_ASKED = ArrayRows(
+    "asked", job_id=String, provider_id=String, model=String, uuid=String, max_price=Numeric(12, 6)
+)
 
-    The scheduler named each job's GPUs from its view of the fleet; a job gets its
-    reservation only if every one of them is still free, healthy, within its price, on
-    a machine that is online and not suspended, and not locked by another replica right
-    now (SKIP LOCKED: replicas never wait on each other). A job that got some of its GPUs
-    but not all gets none (a partial hold helps nobody) and is left out of the answer.
-    """
-    if not wanted:
-        return {}
+
+def _reserve() -> Update:
     gpus, providers = Gpu.__table__.c, Provider.__table__.c
-    flat = [(w, uuid) for w in wanted for uuid in w.gpu_uuids]
-    # Arrays, not a VALUES list: one statement text whatever the number of GPUs.
-    asked = array_rows(
-        "asked",
-        job_id=(String, [w.job_id for w, _ in flat]),
-        provider_id=(String, [w.provider_id for w, _ in flat]),
-        model=(String, [w.model for w, _ in flat]),
-        uuid=(String, [uuid for _, uuid in flat]),
-        max_price=(Numeric(12, 6), [w.max_price_per_hour for w, _ in flat]),
-    )
+    asked = _ASKED.table
     free = (
         select(gpus.id, asked.c.job_id)
         .join_from(Gpu.__table__, Provider.__table__, providers.id == gpus.provider_id)
@@ -120,14 +114,40 @@ async def reserve_exact(session: AsyncSession, wanted: list[Wanted]) -> dict[str
         .with_for_update(of=Gpu.__table__, skip_locked=True)
         .cte("free")
     )
-    rows = (
-        await session.execute(
-            update(Gpu.__table__)
-            .where(gpus.id == free.c.id)
-            .values(reserved_job_id=free.c.job_id)
-            .returning(free.c.job_id, gpus.uuid, gpus.index, gpus.price_per_hour)
-        )
-    ).all()
+    return (
+        update(Gpu.__table__)
+        .where(gpus.id == free.c.id)
+        .values(reserved_job_id=free.c.job_id)
+        .returning(free.c.job_id, gpus.uuid, gpus.index, gpus.price_per_hour)
+    )
+
+
+_RESERVE = _reserve()
+
+
+async def reserve_exact(session: AsyncSession, wanted: list[Wanted]) -> dict[str, Reservation]:
+    """Reserves the named GPUs of many jobs in one statement: a placement pass's worth.
+
+    The scheduler named each job's GPUs from its view of the fleet; a job gets its
+    reservation only if every one of them is still free, healthy, within its price, on
+    a machine that is online and not suspended, and not locked by another replica right
+    now (SKIP LOCKED: replicas never wait on each other). A job that got some of its GPUs
+    but not all gets none (a partial hold helps nobody) and is left out of the answer.
+    """
+    if not wanted:
+        return {}
+    asked = [
+        {
+            "job_id": w.job_id,
+            "provider_id": w.provider_id,
+            "model": w.model,
+            "uuid": uuid,
+            "max_price": w.max_price_per_hour,
+        }
+        for w in wanted
+        for uuid in w.gpu_uuids
+    ]
+    rows = (await session.execute(_RESERVE, _ASKED.params(asked))).all()
     got: dict[str, list[Row]] = {}
     for row in rows:
         got.setdefault(row.job_id, []).append(row)

@@ -27,10 +27,10 @@ from sqlalchemy import (
     text,
     update,
 )
-from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.dialects.postgresql import Insert, insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from common.db import array_rows
+from common.db import ArrayRows
 from provider_registry.models import LEFT, Provider, ProviderOutage, ProviderTaskDay
 
 PRIOR = 5.0
@@ -58,25 +58,39 @@ async def record_task_outcomes(
     # One row per provider (an upsert may not touch a row twice), in id order so that
     # concurrent writers lock them in one order. Arrays keep one statement text.
     providers = sorted(ok.keys() | infra.keys())
-    rows = array_rows(
-        "counts",
-        provider_id=(String, providers),
-        ok=(Integer, [ok[p] for p in providers]),
-        infrastructure=(Integer, [infra[p] for p in providers]),
-    )
-    stmt = insert(ProviderTaskDay).from_select(
-        ["provider_id", "day", "ok", "infrastructure"],
-        select(rows.c.provider_id, literal(day, Date), rows.c.ok, rows.c.infrastructure),
-    )
     await session.execute(
-        stmt.on_conflict_do_update(
-            index_elements=[ProviderTaskDay.provider_id, ProviderTaskDay.day],
-            set_={
-                "ok": ProviderTaskDay.ok + stmt.excluded.ok,
-                "infrastructure": ProviderTaskDay.infrastructure + stmt.excluded.infrastructure,
-            },
-        )
+        _COUNT_OUTCOMES,
+        {
+            "day": day,
+            **_COUNTS.params(
+                [{"provider_id": p, "ok": ok[p], "infrastructure": infra[p]} for p in providers]
+            ),
+        },
     )
+
+
+def _count_outcomes() -> Insert:
+    counts = _COUNTS.table
+    stmt = insert(ProviderTaskDay.__table__).from_select(
+        ["provider_id", "day", "ok", "infrastructure"],
+        select(
+            counts.c.provider_id,
+            bindparam("day", type_=Date),
+            counts.c.ok,
+            counts.c.infrastructure,
+        ),
+    )
+    return stmt.on_conflict_do_update(
+        index_elements=[ProviderTaskDay.provider_id, ProviderTaskDay.day],
+        set_={
+            "ok": ProviderTaskDay.ok + stmt.excluded.ok,
+            "infrastructure": ProviderTaskDay.infrastructure + stmt.excluded.infrastructure,
+        },
+    )
+
+
+_COUNTS = ArrayRows("counts", provider_id=String, ok=Integer, infrastructure=Integer)
+_COUNT_OUTCOMES = _count_outcomes()
 
 
 async def recompute(session: AsyncSession, window_days: int) -> int:

@@ -141,24 +141,26 @@ async def _apply(
 _PLACEMENT_ONLY = (Job.image, Job.command, Job.env, Job.inputs, Job.gpu_models, Job.labels)
 
 
+# The jobs, locked, and the transaction's time. Byte order, like Python's sorted(), which
+# lifecycle's writers lock in.
+_LOCK_JOBS = (
+    select(Job, func.now())
+    .where(one_of(Job.id, "job_ids"))
+    .order_by(Job.id.collate("C"))
+    .with_for_update()
+    # Touching one of those raises instead of loading it quietly.
+    .options(*(defer(column, raiseload=True) for column in _PLACEMENT_ONLY))
+    .execution_options(populate_existing=True)
+)
+
+
 async def _lock_jobs(
     session: AsyncSession, job_ids: set[str]
 ) -> tuple[dict[str, Job], datetime | None]:
     """The jobs, locked in one query, and the transaction's time."""
     if not job_ids:
         return {}, None
-    rows = (
-        await session.execute(
-            select(Job, func.now())
-            .where(one_of(Job.id, job_ids, "job_ids"))
-            # Byte order, like Python's sorted(), which lifecycle's writers lock in.
-            .order_by(Job.id.collate("C"))
-            .with_for_update()
-            # Touching one of those raises instead of loading it quietly.
-            .options(*(defer(column, raiseload=True) for column in _PLACEMENT_ONLY))
-            .execution_options(populate_existing=True)
-        )
-    ).all()
+    rows = (await session.execute(_LOCK_JOBS, {"job_ids": list(job_ids)})).all()
     return {job.id: job for job, _ in rows}, rows[0][1] if rows else None
 
 

@@ -25,6 +25,7 @@ from sqlalchemy import (
     Select,
     Text,
     and_,
+    bindparam,
     case,
     cast,
     func,
@@ -88,6 +89,21 @@ def _gpus_query() -> Select:
         Gpu.capacity_seq,
         Gpu.capacity_xid,
     )
+
+
+# The machines and GPUs changed since: `+ 0` because the cap is a filter; the index to
+# read by is capacity_xid's.
+_HORIZON_AT, _SINCE = bindparam("horizon"), bindparam("since")
+_CHANGED = union_all(
+    select(Provider.id, Provider.capacity_seq).where(
+        Provider.capacity_xid >= _HORIZON_AT, Provider.capacity_seq + 0 > _SINCE
+    ),
+    select(Gpu.provider_id, Gpu.capacity_seq).where(
+        Gpu.capacity_xid >= _HORIZON_AT, Gpu.capacity_seq + 0 > _SINCE
+    ),
+)
+_MACHINES_OF = _machines_query().where(one_of(Provider.id, "provider_ids")).order_by(Provider.id)
+_GPUS_OF = _gpus_query().where(one_of(Gpu.provider_id, "provider_ids"))
 
 
 @contextmanager
@@ -189,16 +205,7 @@ class FleetSync:
     async def _refresh(self, session: AsyncSession) -> int:
         horizon = await session.scalar(_HORIZON)
         since = self._since
-        # `+ 0`: the cap is a filter; the index to read by is capacity_xid's.
-        changed = union_all(
-            select(Provider.id, Provider.capacity_seq).where(
-                Provider.capacity_xid >= self.horizon, Provider.capacity_seq + 0 > since
-            ),
-            select(Gpu.provider_id, Gpu.capacity_seq).where(
-                Gpu.capacity_xid >= self.horizon, Gpu.capacity_seq + 0 > since
-            ),
-        )
-        rows = (await session.execute(changed)).all()
+        rows = (await session.execute(_CHANGED, {"horizon": self.horizon, "since": since})).all()
         self.reread = len(rows)
         stale = {provider_id for provider_id, seq in rows if seq not in self._applied}
         # What the next refresh can read again: these rows (applied already, or by the
@@ -219,18 +226,8 @@ class FleetSync:
         wanted = sorted(set(provider_ids))
         for start in range(0, len(wanted), _BATCH):
             batch = wanted[start : start + _BATCH]
-            machines = (
-                await session.execute(
-                    _machines_query()
-                    .where(one_of(Provider.id, batch, "provider_ids"))
-                    .order_by(Provider.id)
-                )
-            ).all()
-            gpus = (
-                await session.execute(
-                    _gpus_query().where(one_of(Gpu.provider_id, batch, "provider_ids"))
-                )
-            ).all()
+            machines = (await session.execute(_MACHINES_OF, {"provider_ids": batch})).all()
+            gpus = (await session.execute(_GPUS_OF, {"provider_ids": batch})).all()
             snapshot, seqs = _snapshot(machines, gpus, self._since, self.horizon)
             present = set(snapshot.provider_ids)
             for provider_id in batch:

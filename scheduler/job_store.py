@@ -8,14 +8,15 @@ from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from datetime import timedelta
 from decimal import Decimal
+from functools import cache
 
-from sqlalchemy import func, inspect, select
+from sqlalchemy import Update, func, inspect, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from billing import ledger, reports
 from billing.holds import InsufficientFunds, admit_holds
 from billing.settings import BillingSettings
-from common.db import update_rows
+from common.db import ArrayRows, update_rows
 from common.errors import NotFound
 from common.ids import is_uuid
 from scheduler import settling, states
@@ -160,16 +161,20 @@ async def write_changed(
     for job in changed:
         if stray := inspect(job).committed_state.keys() - written:
             raise ValueError(f"job {job.id}: {sorted(stray)} changed but not written")
+    rows, statement = _jobs_update(("id", *columns))
     with session.no_autoflush:  # not the ORM's writes of these same jobs first
         await session.execute(
-            update_rows(
-                Job.__table__,
-                "id",
-                [{"id": job.id, **{c: getattr(job, c) for c in columns}} for job in changed],
-            )
+            statement, rows.params([{c: getattr(job, c) for c in rows.columns} for job in changed])
         )
     for job in changed:
         session.expunge(job)
+
+
+@cache
+def _jobs_update(columns: tuple[str, ...]) -> tuple[ArrayRows, Update]:
+    """The UPDATE of these columns (`id` first) for many jobs, built once per caller."""
+    rows = ArrayRows.of(Job.__table__, columns)
+    return rows, update_rows(Job.__table__, "id", rows)
 
 
 async def get_job(session: AsyncSession, job_id: str, owner_id: str | None = None) -> Job:

@@ -101,6 +101,10 @@ def task_for(job: Job, reservation: capacity.Reservation) -> TaskAssignment:
     )
 
 
+# Locked already: next_jobs read them FOR UPDATE in the pass's transaction.
+_QUEUED_JOBS = select(Job).where(one_of(Job.id, "job_ids"), Job.status == states.QUEUED)
+
+
 class Placer:
     def __init__(
         self,
@@ -152,12 +156,7 @@ class Placer:
 
     async def _reserve(self, session: AsyncSession, job_ids: list[str], result: PassResult) -> None:
         order = {job_id: i for i, job_id in enumerate(job_ids)}
-        # Locked already: next_jobs read them FOR UPDATE in this transaction.
-        jobs = (
-            await session.scalars(
-                select(Job).where(one_of(Job.id, job_ids, "job_ids"), Job.status == states.QUEUED)
-            )
-        ).all()
+        jobs = (await session.scalars(_QUEUED_JOBS, {"job_ids": job_ids})).all()
         # The jobs' changes go out together at the end, not flushed before each statement.
         with session.no_autoflush:
             await self._place(session, sorted(jobs, key=lambda j: order[j.id]), result)

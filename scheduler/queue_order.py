@@ -16,8 +16,7 @@ import heapq
 from collections import defaultdict
 from datetime import datetime
 
-from sqlalchemy import Row, String, func, select, text, true
-from sqlalchemy import cast as sa_cast
+from sqlalchemy import Integer, Row, Select, String, bindparam, func, select, text, true
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -68,13 +67,41 @@ COLUMNS = (
 MAX_OWNERS = 10_000
 
 
+_HELD = (
+    select(Job.owner_id, func.sum(Job.gpus))
+    .where(Job.status.in_(states.ACTIVE), one_of(Job.owner_id, "owners"))
+    .group_by(Job.owner_id)
+)
+
+
 async def held_gpus(session: AsyncSession, owners: list[str]) -> dict[str, int]:
-    rows = await session.execute(
-        select(Job.owner_id, func.sum(Job.gpus))
-        .where(Job.status.in_(states.ACTIVE), one_of(Job.owner_id, owners, "owners"))
-        .group_by(Job.owner_id)
+    rows = await session.execute(_HELD, {"owners": owners})
+    return {owner: int(total) for owner, total in rows}
+
+
+def _next_jobs() -> Select:
+    owner_ids = (
+        func.unnest(bindparam("owners", type_=ARRAY(String)))
+        .table_valued("owner_id")
+        .render_derived(name="o")
     )
-    return {owner: int(total) for owner, total in rows.all()}
+    now = bindparam("now", type_=Job.not_before.type)
+    mine = (
+        select(*COLUMNS)
+        .where(
+            Job.status == states.QUEUED,
+            Job.owner_id == owner_ids.c.owner_id,
+            (Job.not_before.is_(None)) | (Job.not_before <= now),
+        )
+        .order_by(Job.priority.desc(), Job.created_at, Job.id)
+        .limit(bindparam("per_owner", type_=Integer))
+        .with_for_update(skip_locked=True)
+        .lateral("j")
+    )
+    return select(mine).select_from(owner_ids.join(mine, true()))
+
+
+_NEXT_JOBS = _next_jobs()
 
 
 async def next_jobs(session: AsyncSession, now: datetime, limit: int) -> list[Row]:
@@ -86,25 +113,8 @@ async def next_jobs(session: AsyncSession, now: datetime, limit: int) -> list[Ro
     held = await held_gpus(session, owners)
     # Enough of each requester's jobs to fill the pass however the shares fall out.
     per_owner = min(limit, max(16, 4 * limit // len(owners)))
-    owner_ids = (
-        func.unnest(sa_cast(owners, ARRAY(String)))
-        .table_valued("owner_id")
-        .render_derived(name="o")
-    )
-    mine = (
-        select(*COLUMNS)
-        .where(
-            Job.status == states.QUEUED,
-            Job.owner_id == owner_ids.c.owner_id,
-            (Job.not_before.is_(None)) | (Job.not_before <= now),
-        )
-        .order_by(Job.priority.desc(), Job.created_at, Job.id)
-        .limit(per_owner)
-        .with_for_update(skip_locked=True)
-        .lateral("j")
-    )
-    rows = (await session.execute(select(mine).select_from(owner_ids.join(mine, true())))).all()
-    return fair_merge(rows, held, limit)
+    rows = await session.execute(_NEXT_JOBS, {"owners": owners, "now": now, "per_owner": per_owner})
+    return fair_merge(list(rows), held, limit)
 
 
 def fair_merge(rows: list[Row], held: dict[str, int], limit: int) -> list[Row]:

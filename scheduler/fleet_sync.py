@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 from sqlalchemy import (
+    BigInteger,
     ColumnElement,
     Float,
     Integer,
@@ -29,8 +30,9 @@ from sqlalchemy import (
     case,
     cast,
     func,
+    literal_column,
     select,
-    text,
+    true,
     union_all,
 )
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -43,7 +45,8 @@ from scheduler.fleet_index import FleetIndex, FleetSnapshot
 _BATCH = 5000
 
 # Every transaction with a lower id had ended when this statement began.
-_HORIZON = select(text("pg_snapshot_xmin(pg_current_snapshot())::text::bigint"))
+_XMIN = "pg_snapshot_xmin(pg_current_snapshot())::text::bigint"
+_HORIZON = select(literal_column(_XMIN, BigInteger).label("xmin"))
 
 
 def version_sql(column: Any) -> ColumnElement[int]:
@@ -91,17 +94,26 @@ def _gpus_query() -> Select:
     )
 
 
-# The machines and GPUs changed since: `+ 0` because the cap is a filter; the index to
-# read by is capacity_xid's.
-_HORIZON_AT, _SINCE = bindparam("horizon"), bindparam("since")
-_CHANGED = union_all(
-    select(Provider.id, Provider.capacity_seq).where(
-        Provider.capacity_xid >= _HORIZON_AT, Provider.capacity_seq + 0 > _SINCE
-    ),
-    select(Gpu.provider_id, Gpu.capacity_seq).where(
-        Gpu.capacity_xid >= _HORIZON_AT, Gpu.capacity_seq + 0 > _SINCE
-    ),
-)
+def _changes() -> Select:
+    """This statement's horizon, and the machines and GPUs changed since the last one
+    (a row with only the horizon when none): `+ 0` because the cap is a filter; the
+    index to read by is capacity_xid's."""
+    last, since = bindparam("horizon"), bindparam("since")
+    changed = union_all(
+        select(Provider.id.label("provider_id"), Provider.capacity_seq.label("seq")).where(
+            Provider.capacity_xid >= last, Provider.capacity_seq + 0 > since
+        ),
+        select(Gpu.provider_id, Gpu.capacity_seq).where(
+            Gpu.capacity_xid >= last, Gpu.capacity_seq + 0 > since
+        ),
+    ).subquery("changed")
+    horizon = _HORIZON.subquery("horizon")
+    return select(
+        horizon.c.xmin.label("horizon"), changed.c.provider_id, changed.c.seq
+    ).select_from(horizon.outerjoin(changed, true()))
+
+
+_CHANGES = _changes()
 _MACHINES_OF = _machines_query().where(one_of(Provider.id, "provider_ids")).order_by(Provider.id)
 _GPUS_OF = _gpus_query().where(one_of(Gpu.provider_id, "provider_ids"))
 
@@ -203,9 +215,11 @@ class FleetSync:
             return await self._refresh(session)
 
     async def _refresh(self, session: AsyncSession) -> int:
-        horizon = await session.scalar(_HORIZON)
-        since = self._since
-        rows = (await session.execute(_CHANGED, {"horizon": self.horizon, "since": since})).all()
+        found = (
+            await session.execute(_CHANGES, {"horizon": self.horizon, "since": self._since})
+        ).all()
+        horizon = found[0].horizon
+        rows = [(r.provider_id, r.seq) for r in found if r.provider_id is not None]
         self.reread = len(rows)
         stale = {provider_id for provider_id, seq in rows if seq not in self._applied}
         # What the next refresh can read again: these rows (applied already, or by the

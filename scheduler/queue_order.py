@@ -16,31 +16,10 @@ import heapq
 from collections import defaultdict
 from datetime import datetime
 
-from sqlalchemy import Integer, Row, Select, String, bindparam, func, select, text, true
-from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy import Integer, Row, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from common.db import one_of
-from scheduler import states
 from scheduler.models import Job
-
-# Distinct requesters with queued jobs, by a skip scan over ix_jobs_owner_queued
-# (one index probe per requester instead of reading every queued job).
-_OWNERS = text(
-    """
-    WITH RECURSIVE owners AS (
-        (SELECT owner_id FROM jobs WHERE status = 'queued' ORDER BY owner_id LIMIT 1)
-        UNION ALL
-        SELECT (
-            SELECT j.owner_id FROM jobs j
-            WHERE j.status = 'queued' AND j.owner_id > owners.owner_id
-            ORDER BY j.owner_id LIMIT 1
-        )
-        FROM owners WHERE owners.owner_id IS NOT NULL
-    )
-    SELECT owner_id FROM owners WHERE owner_id IS NOT NULL LIMIT :max_owners
-    """
-)
 
 # What placement needs of a job, without the heavier columns it never reads.
 COLUMNS = (
@@ -66,55 +45,53 @@ COLUMNS = (
 
 MAX_OWNERS = 10_000
 
-
-_HELD = (
-    select(Job.owner_id, func.sum(Job.gpus))
-    .where(Job.status.in_(states.ACTIVE), one_of(Job.owner_id, "owners"))
-    .group_by(Job.owner_id)
-)
-
-
-async def held_gpus(session: AsyncSession, owners: list[str]) -> dict[str, int]:
-    rows = await session.execute(_HELD, {"owners": owners})
-    return {owner: int(total) for owner, total in rows}
-
-
-def _next_jobs() -> Select:
-    owner_ids = (
-        func.unnest(bindparam("owners", type_=ARRAY(String)))
-        .table_valued("owner_id")
-        .render_derived(name="o")
-    )
-    now = bindparam("now", type_=Job.not_before.type)
-    mine = (
-        select(*COLUMNS)
-        .where(
-            Job.status == states.QUEUED,
-            Job.owner_id == owner_ids.c.owner_id,
-            (Job.not_before.is_(None)) | (Job.not_before <= now),
+# One statement (it was three round trips): the distinct requesters with queued jobs,
+# by a skip scan over ix_jobs_owner_queued (one index probe per requester instead of
+# reading every queued job); the GPUs each one holds now (ix_jobs_owner_active, whose
+# statuses are written out so that the partial index matches in a generic plan too);
+# and enough of each one's ready jobs to fill the pass however the shares fall out,
+# read in its own order and locked, skipping those another replica holds.
+_NEXT_JOBS = text(
+    f"""
+    WITH RECURSIVE owners AS (
+        (SELECT owner_id FROM jobs WHERE status = 'queued' ORDER BY owner_id LIMIT 1)
+        UNION ALL
+        SELECT (
+            SELECT q.owner_id FROM jobs q
+            WHERE q.status = 'queued' AND q.owner_id > owners.owner_id
+            ORDER BY q.owner_id LIMIT 1
         )
-        .order_by(Job.priority.desc(), Job.created_at, Job.id)
-        .limit(bindparam("per_owner", type_=Integer))
-        .with_for_update(skip_locked=True)
-        .lateral("j")
+        FROM owners WHERE owners.owner_id IS NOT NULL
+    ),
+    o AS (SELECT owner_id FROM owners WHERE owner_id IS NOT NULL LIMIT :max_owners),
+    -- No row (so no division by zero) when no requester has queued jobs.
+    share AS (
+        SELECT least(l.n, greatest(16, 4 * l.n / count(*))) AS per_owner
+        FROM o, (SELECT CAST(:limit AS bigint) AS n) l GROUP BY l.n
     )
-    return select(mine).select_from(owner_ids.join(mine, true()))
-
-
-_NEXT_JOBS = _next_jobs()
+    SELECT j.*, h.held
+    FROM o, share, LATERAL (
+        SELECT coalesce(sum(a.gpus), 0) AS held FROM jobs a
+        WHERE a.owner_id = o.owner_id AND a.status IN ('assigned', 'running')
+    ) h, LATERAL (
+        SELECT {", ".join(column.expression.name for column in COLUMNS)} FROM jobs
+        WHERE status = 'queued' AND owner_id = o.owner_id
+            AND (not_before IS NULL OR not_before <= :now)
+        ORDER BY priority DESC, created_at, id
+        LIMIT share.per_owner
+        FOR UPDATE SKIP LOCKED
+    ) j
+    """
+).columns(*COLUMNS, held=Integer)
 
 
 async def next_jobs(session: AsyncSession, now: datetime, limit: int) -> list[Row]:
     """Up to `limit` queued jobs ready to run (backoff over) and not held by another
     replica, in the order above, locked until the caller's transaction ends."""
-    owners = list((await session.scalars(_OWNERS, {"max_owners": MAX_OWNERS})).all())
-    if not owners:
-        return []
-    held = await held_gpus(session, owners)
-    # Enough of each requester's jobs to fill the pass however the shares fall out.
-    per_owner = min(limit, max(16, 4 * limit // len(owners)))
-    rows = await session.execute(_NEXT_JOBS, {"owners": owners, "now": now, "per_owner": per_owner})
-    return fair_merge(list(rows), held, limit)
+    rows = (
+        await session.execute(_NEXT_JOBS, {"max_owners": MAX_OWNERS, "limit": limit, "now": now})
+    ).all()
+    return fair_merge(rows, {row.owner_id: row.held for row in rows}, limit)
 
 
 def fair_merge(rows: list[Row], held: dict[str, int], limit: int) -> list[Row]:

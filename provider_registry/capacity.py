@@ -11,7 +11,7 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from decimal import Decimal
 
-from sqlalchemy import ColumnElement, Numeric, Row, String, Update, select, update
+from sqlalchemy import ColumnElement, Numeric, Row, String, Update, select, true, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from common.db import ArrayRows, one_of
@@ -97,23 +97,25 @@ _ASKED = ArrayRows(
 def _reserve() -> Update:
     gpus, providers = Gpu.__table__.c, Provider.__table__.c
     asked = _ASKED.table
-    free = (
-        select(gpus.id, asked.c.job_id)
+    # Per asked GPU, one lookup by its unique (provider_id, uuid): a subquery that locks
+    # rows is not flattened into a join, so no plan can turn this around into a scan of
+    # every free GPU against every asked one (what a generic plan, which cannot see the
+    # arrays' length, chose: 300,000 comparisons for a pass of 100 jobs on 3,000 GPUs).
+    # SKIP LOCKED never waits, so the order the rows are locked in cannot deadlock.
+    gpu = (
+        select(gpus.id)
         .join_from(Gpu.__table__, Provider.__table__, providers.id == gpus.provider_id)
-        .join(
-            asked,
-            (gpus.uuid == asked.c.uuid)
-            & (gpus.provider_id == asked.c.provider_id)
-            & (gpus.model == asked.c.model),
-        )
         .where(
+            gpus.provider_id == asked.c.provider_id,
+            gpus.uuid == asked.c.uuid,
+            gpus.model == asked.c.model,
             *_reservable(),
             asked.c.max_price.is_(None) | (gpus.price_per_hour <= asked.c.max_price),
         )
-        .order_by(gpus.id)
         .with_for_update(of=Gpu.__table__, skip_locked=True)
-        .cte("free")
+        .lateral("gpu")
     )
+    free = select(gpu.c.id, asked.c.job_id).select_from(asked.join(gpu, true())).cte("free")
     return (
         update(Gpu.__table__)
         .where(gpus.id == free.c.id)

@@ -71,6 +71,7 @@ from pydantic import Field, TypeAdapter, ValidationError
 from rich.console import Console
 from rich.table import Table
 
+from common.aio import wait_event
 from gpumarket.bench_heartbeats import (
     CLK_TCK,
     Counters,
@@ -673,6 +674,10 @@ class Backlog:
     means the schedulers apply the daemons' events slower than they come."""
 
     max: dict[str, int] = field(default_factory=lambda: {"jobs": 0, "events": 0})
+    # Set to end `watch`, which is not cancelled: on Python 3.11 asyncio.wait_for (inside
+    # nats-py's requests) can swallow a cancellation, and the watcher then polled on
+    # forever while the bench waited for it (seen once, after every job had run).
+    stopped: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def watch(self, nats_url: str) -> None:
         import nats
@@ -686,13 +691,13 @@ class Backlog:
         nc = await nats.connect(nats_url, name="bench backlog watcher")
         try:
             js = nc.jetstream()
-            while True:
+            while not self.stopped.is_set():
                 for name, (stream, durable) in consumers.items():
                     with contextlib.suppress(Exception):  # not created yet, or a slow answer
                         info = await js.consumer_info(stream, durable, timeout=1)
                         waiting = info.num_pending + info.num_ack_pending
                         self.max[name] = max(self.max[name], waiting)
-                await asyncio.sleep(0.5)
+                await wait_event(self.stopped, 0.5)
         finally:
             await nc.close()
 
@@ -754,7 +759,7 @@ async def place_jobs(run: Run) -> dict[str, Any]:
         # assigned_at is their last assignment's.
         retried = await _count(engine, "attempt > 0")
     finally:
-        watching.cancel()
+        backlog.stopped.set()
         await asyncio.gather(watching, return_exceptions=True)
         await engine.dispose()
     if len(times) != run.jobs or submitted.jobs != run.jobs:

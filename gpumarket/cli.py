@@ -15,6 +15,7 @@ from gpumarket.admin import admin_app
 from gpumarket.bench import run_jobs_bench
 from gpumarket.bench_containers import DEFAULT_COMMAND, run_containers_bench
 from gpumarket.bench_heartbeats import run_heartbeats_bench
+from gpumarket.bench_passes import DEFAULT_SIZES, run_passes_bench
 from gpumarket.bench_scheduling import DECISION_MACHINES, BenchError, Via, run_scheduling_bench
 from gpumarket.commands import account, jobs, market
 from gpumarket.localstack.process import free_port
@@ -181,6 +182,23 @@ def bench_scheduling(
         )  # fmt: skip
     except (BenchError, RuntimeError) as exc:
         console.print(f"[red]bench scheduling failed:[/] {exc}", soft_wrap=True)
+        raise typer.Exit(1) from exc
+
+
+@bench_app.command("passes")
+def bench_passes(
+    providers: int = typer.Option(1_000, min=1, max=100_000, help="Simulated providers."),
+    sizes: list[int] = typer.Option(
+        list(DEFAULT_SIZES), "--size", min=1, max=1_000, help="Jobs per pass (repeatable)."
+    ),
+    reps: int = typer.Option(30, min=1, max=10_000, help="Passes and batches timed per size."),
+) -> None:
+    """The scheduler's cost of one placement pass and one events batch, by size."""
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        run_passes_bench(providers, sizes, reps, console)
+    except (BenchError, RuntimeError) as exc:
+        console.print(f"[red]bench passes failed:[/] {exc}", soft_wrap=True)
         raise typer.Exit(1) from exc
 
 

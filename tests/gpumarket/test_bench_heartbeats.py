@@ -1,9 +1,6 @@
 """`gpumarket bench heartbeats`: the quantile arithmetic, and one small run end to end."""
 
-import json
 import math
-import subprocess
-import sys
 
 import pytest
 
@@ -13,6 +10,7 @@ from gpumarket.bench_heartbeats import (
     histogram_quantile,
     parse_metrics,
 )
+from tests.gpumarket.bench_runs import bench_figures
 
 INF = math.inf
 
@@ -61,13 +59,10 @@ def test_window_between_two_scrapes() -> None:
 
 
 def test_bench_heartbeats_end_to_end() -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "gpumarket.cli", "bench", "heartbeats",
-         "--providers", "50", "--interval", "1", "--duration", "5", "--processes", "2"],
-        capture_output=True, text=True, timeout=240,
+    figures = bench_figures(
+        "heartbeats", "--providers", "50", "--interval", "1", "--duration", "5",
+        "--processes", "2", timeout=240,
     )  # fmt: skip
-    assert result.returncode == 0, result.stdout + result.stderr
-    figures = json.loads(result.stdout.strip().splitlines()[-1])
     assert set(RESULT_KEYS) <= figures.keys()
     assert figures["providers"] == 50 and figures["processes"] == 2
     assert figures["heartbeats_per_s"] > 0

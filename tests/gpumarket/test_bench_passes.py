@@ -1,13 +1,10 @@
 """`gpumarket bench passes`: the per-step arithmetic, and one small run end to end."""
 
-import json
-import subprocess
-import sys
-
 import pytest
 
 from gpumarket.bench_heartbeats import CLK_TCK
 from gpumarket.bench_passes import Timings
+from tests.gpumarket.bench_runs import bench_figures
 
 
 def test_a_step_is_summed_over_its_repetitions_and_shared_by_its_jobs() -> None:
@@ -23,14 +20,10 @@ def test_a_step_is_summed_over_its_repetitions_and_shared_by_its_jobs() -> None:
 
 @pytest.mark.timeout(120)
 def test_a_small_run_places_and_ends_every_job() -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "gpumarket.cli", "bench", "passes",
-         "--providers", "20", "--size", "1", "--size", "5", "--reps", "3"],
-        capture_output=True, text=True, timeout=110,
-    )  # fmt: skip
-    # Exit 1 if a pass placed fewer jobs than were queued, or a batch ended fewer.
-    assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-5000:]
-    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    # Fails (exit 1) if a pass placed fewer jobs than were queued, or a batch ended fewer.
+    figures = bench_figures(
+        "passes", "--providers", "20", "--size", "1", "--size", "5", "--reps", "3", timeout=110
+    )
     assert figures["providers"] == 20 and figures["reps"] == 3
     assert figures["gpus"] >= 5
     assert set(figures["sizes"]) == {"1", "5"}

@@ -1,12 +1,9 @@
 """`gpumarket bench scheduling`: small runs end to end, through each front door."""
 
-import json
-import subprocess
-import sys
-
 import pytest
 
 from gpumarket.bench_scheduling import RESULT_KEYS, percentile
+from tests.gpumarket.bench_runs import bench_figures
 
 JOBS = 200
 
@@ -20,15 +17,11 @@ def test_percentile_is_the_nearest_rank() -> None:
 
 
 def run_bench(*args: str) -> dict:
-    result = subprocess.run(
-        [sys.executable, "-m", "gpumarket.cli", "bench", "scheduling",
-         "--providers", "20", "--jobs", str(JOBS), "--schedulers", "2",
-         # Fails loudly (exit 1) well before pytest's timeout if placing stalls.
-         "--timeout", "45", "--decision-machines", "1000", *args],
-        capture_output=True, text=True, timeout=110,
+    return bench_figures(
+        "scheduling", "--providers", "20", "--jobs", str(JOBS), "--schedulers", "2",
+        # Fails loudly (exit 1) well before pytest's timeout if placing stalls.
+        "--timeout", "45", "--decision-machines", "1000", *args, timeout=110,
     )  # fmt: skip
-    assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-5000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def check_figures(figures: dict) -> None:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 
-from sqlalchemy import func, select
+from sqlalchemy import Integer, Select, String, func, select, true
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from billing import amounts, ledger
@@ -195,15 +195,33 @@ def _usage(
     }
 
 
-_NOT_SETTLED = select(Usage.job_id, Usage.attempt).where(one_of(Usage.job_id, "job_ids"))
+# One probe of the unique (job_id, attempt) index per attempt, through a LATERAL
+# subquery that Postgres cannot flatten into a join (its LIMIT). As a plain
+# `job_id = ANY(:ids)` filter, a generic plan (blind to the array's length) scanned the
+# young table against the whole array: up to 73 ms a batch in the scheduling bench.
+_ATTEMPTS = ArrayRows("ended", job_id=String, attempt=Integer)
+
+
+def _settled() -> Select:
+    ended = _ATTEMPTS.table
+    usage = (
+        select(Usage.id)
+        .where(Usage.job_id == ended.c.job_id, Usage.attempt == ended.c.attempt)
+        .limit(1)
+        .lateral("usage")
+    )
+    return select(ended.c.job_id, ended.c.attempt).select_from(ended.join(usage, true()))
+
+
+_SETTLED = _settled()
 
 
 async def _not_settled(session: AsyncSession, ended: list[EndedAttempt]) -> list[EndedAttempt]:
     """Drops attempts settled before (a replay); the caller's job locks keep it so."""
     if not ended:
         return []
-    rows = await session.execute(_NOT_SETTLED, {"job_ids": [a.job_id for a in ended]})
-    done = set(rows)
+    attempts = [{"job_id": a.job_id, "attempt": a.attempt} for a in ended]
+    done = set(await session.execute(_SETTLED, _ATTEMPTS.params(attempts)))
     return [a for a in ended if (a.job_id, a.attempt) not in done]
 
 

@@ -19,16 +19,18 @@ clock ticks: read them as sums over R), and wall time. The last line printed is 
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import statistics
 import tempfile
 import time
 import uuid
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from rich.console import Console
 from rich.table import Table
@@ -43,6 +45,8 @@ from gpumarket.bench_heartbeats import (
 )
 from gpumarket.bench_scheduling import SPEC, BenchError
 from gpumarket.localstack.postgres import start_postgres
+
+T = TypeVar("T")
 
 DEFAULT_SIZES = (1, 10, 100)
 CREDITS = Decimal(100_000_000)
@@ -78,7 +82,7 @@ class Stopwatch:
     def _postgres(self) -> int:
         return tree_ticks([self.postgres_pid], proc_stats())
 
-    async def time(self, timings: Timings, step: Any) -> Any:
+    async def time(self, timings: Timings, step: Awaitable[T]) -> T:
         postgres = self._postgres()
         cpu, wall = time.process_time(), time.perf_counter()
         result = await step
@@ -193,8 +197,6 @@ def print_table(result: dict[str, Any], console: Console) -> None:
 
 
 def run_passes_bench(providers: int, sizes: list[int], reps: int, console: Console) -> dict:
-    import json
-
     from migrations.runner import upgrade
 
     install_uvloop()

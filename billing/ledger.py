@@ -111,7 +111,7 @@ async def post(session: AsyncSession, postings: list[Posting]) -> list[Posting]:
     for p in postings:
         if p.amount < 0 or p.source == p.target:
             raise ValueError(f"transfer {p.key}: amount must be positive between two accounts")
-    rows = await session.execute(_INSERT_TRANSFERS, _TRANSFERS.params([vars(p) for p in postings]))
+    rows = await session.execute(_INSERT_TRANSFERS, _TRANSFERS.params_of(postings))
     new = {r.key: r.id for r in rows}
     posted = [p for p in postings if p.key in new]
     if posted:

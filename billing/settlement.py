@@ -220,8 +220,7 @@ async def _not_settled(session: AsyncSession, ended: list[EndedAttempt]) -> list
     """Drops attempts settled before (a replay); the caller's job locks keep it so."""
     if not ended:
         return []
-    attempts = [{"job_id": a.job_id, "attempt": a.attempt} for a in ended]
-    done = set(await session.execute(_SETTLED, _ATTEMPTS.params(attempts)))
+    done = set(await session.execute(_SETTLED, _ATTEMPTS.params_of(ended)))
     return [a for a in ended if (a.job_id, a.attempt) not in done]
 
 

@@ -132,6 +132,11 @@ class ArrayRows:
         """The execute parameters for `rows` (dicts with at least the columns as keys)."""
         return {self._param(c): [row[c] for row in rows] for c in self.columns}
 
+    def params_of(self, objects: Sequence[Any]) -> dict[str, list[Any]]:
+        """The execute parameters for objects with the columns as attributes (ORM rows,
+        dataclasses), without a dict per object first."""
+        return {self._param(c): [getattr(o, c) for o in objects] for c in self.columns}
+
     def _param(self, column: str) -> str:
         return f"{self.name}_{column}"
 

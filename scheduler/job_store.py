@@ -163,9 +163,7 @@ async def write_changed(
             raise ValueError(f"job {job.id}: {sorted(stray)} changed but not written")
     rows, statement = _jobs_update(("id", *columns))
     with session.no_autoflush:  # not the ORM's writes of these same jobs first
-        await session.execute(
-            statement, rows.params([{c: getattr(job, c) for c in rows.columns} for job in changed])
-        )
+        await session.execute(statement, rows.params_of(changed))
     for job in changed:
         session.expunge(job)
 

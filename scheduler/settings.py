@@ -19,6 +19,9 @@ class SchedulerSettings(BillingSettings):
     # Accept deadlines are judged only while this replica's view of the events is no
     # further behind than this many messages (a late `accepted` is not a dead daemon).
     events_backlog_limit: int = 500
+    # After a small batch of events, wait this long before fetching the next (Linger in
+    # worker.py): a job's accepted/started/finished may be seen this much later.
+    events_linger_s: float = 0.1
     overdue_grace_s: float = 30.0
     # A finished job still unsettled after this long is settled by the lifecycle sweep.
     settle_after_s: float = 30.0

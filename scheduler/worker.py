@@ -60,6 +60,23 @@ log = logging.getLogger("scheduler")
 # big (scheduler/events.py): at 128 the events backlog grew to ~6,000 under 450 jobs/s of
 # submissions, at 512 it stays near 1,000.
 FETCH_BATCH = 512
+# An events batch smaller than this is followed by a wait (Linger).
+EVENTS_LINGER_BELOW = FETCH_BATCH // 2
+
+
+@dataclass(frozen=True)
+class Linger:
+    """After a batch of fewer than `below` messages, wait `seconds` before the next fetch.
+
+    A batch costs the same dozen statements whatever its size (scheduler/events.py), and
+    replicas sharing a consumer each fetch as soon as they are free: three of them ran
+    six times as many events batches as one did for the same jobs (BENCHMARKS.md). A
+    replica with a backlog fetches big batches and never waits; an idle one answers the
+    first event at once and collects the ones that follow for `seconds`.
+    """
+
+    below: int
+    seconds: float
 
 
 @dataclass(frozen=True)
@@ -322,11 +339,13 @@ async def consume(
     stream: str,
     handle: Callable[[list[Delivery]], Awaitable[None]],
     stop: asyncio.Event,
+    linger: Linger | None = None,
 ) -> None:
     """Pulls from a durable consumer shared by every replica; acks after handling.
 
     A fetched batch is handled at once (one transaction for many events); if that fails,
     each message is tried alone, so one bad message is redelivered without the others.
+    With `linger`, a small batch is followed by a short wait, so the next one is bigger.
     """
     sub = await js.pull_subscribe(subject, durable=durable, stream=stream)
     try:
@@ -358,6 +377,8 @@ async def consume(
                 continue
             for msg in msgs:
                 await msg.ack()
+            if linger is not None and linger.seconds > 0 and len(msgs) < linger.below:
+                await wait_event(stop, linger.seconds)
     finally:
         # An open pull subscription makes drain() wait out its whole timeout.
         await sub.unsubscribe()
@@ -430,6 +451,7 @@ async def run(settings: SchedulerSettings) -> None:
                     subjects.EVENTS_STREAM,
                     scheduler.on_events,
                     stop,
+                    Linger(below=EVENTS_LINGER_BELOW, seconds=settings.events_linger_s),
                 )
             )
             tg.create_task(

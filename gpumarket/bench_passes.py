@@ -1,4 +1,5 @@
-"""`gpumarket bench passes`: what one placement pass and one events batch cost.
+"""`gpumarket bench passes`: what one group commit of submissions, one placement pass and
+one events batch cost.
 
 The throughput benches hide the scheduler's fixed costs: under load a pass places a
 batch of jobs and an events batch holds hundreds of events. In a quiet marketplace every
@@ -6,14 +7,16 @@ job gets a pass of its own and every event a batch of its own, and those fixed c
 (statements, round trips, the commit) are the scheduler's whole bill; with several
 replicas the batches are smaller too.
 
-This runs the scheduler's own code in this process (`scheduler.placement.Placer.run_pass`
-and `scheduler.events.apply_events`, uvloop as in the scheduler) against a fresh
-PostgreSQL holding N simulated providers: no NATS, no gateway, no daemons. For each size
-S, R times: S jobs are queued (not timed), one pass places them (timed), then one batch
-applies their 3 x S events (`accepted`, `started` and `finished`, exit 0, settled with
-the money as in production; timed). Figures per pass and per batch: CPU of this process
-(the scheduler's share), CPU of PostgreSQL (the server and its backends, from /proc, in
-clock ticks: read them as sums over R), and wall time. The last line printed is JSON.
+This runs the platform's own code in this process (`scheduler.job_store.create_submissions`
+as the gateway's group commit calls it, `scheduler.placement.Placer.run_pass` and
+`scheduler.events.apply_events`, uvloop as in the services) against a fresh PostgreSQL
+holding N simulated providers: no NATS, no HTTP, no daemons. For each size S, R times:
+S single-job submissions are committed together with their holds (timed), one pass
+places them (timed), then one batch applies their 3 x S events (`accepted`, `started`
+and `finished`, exit 0, settled with the money as in production; timed). Figures per
+step: CPU of this process (the gateway's or the scheduler's share), CPU of PostgreSQL
+(the server and its backends, from /proc, in clock ticks: read them as sums over R), and
+wall time. The last line printed is JSON.
 """
 
 from __future__ import annotations
@@ -54,7 +57,7 @@ CREDITS = Decimal(100_000_000)
 
 @dataclass
 class Timings:
-    """One step (a pass, or an events batch) timed R times."""
+    """One step (a group commit, a pass, or an events batch) timed R times."""
 
     cpu_s: list[float] = field(default_factory=list)
     wall_s: list[float] = field(default_factory=list)
@@ -149,13 +152,21 @@ async def _measure(
         await placer.resync()
         results: dict[str, Any] = {}
         for size in sizes:
-            passes, batches = Timings(), Timings()
+            commits, passes, batches = Timings(), Timings(), Timings()
             for rep in range(reps + 1):  # the first round warms up (statements, caches)
                 owner = str(uuid.uuid4())
                 async with db.begin() as session:
                     await funding.add_credits(session, owner, CREDITS, reference=owner)
-                    for _ in range(size):
-                        await job_store.create_job(session, owner, spec, billing)
+
+                submissions = [job_store.Submission(owner, [spec]) for _ in range(size)]
+
+                async def commit(submissions: list[Any] = submissions) -> list[Any]:
+                    async with db.begin() as session:
+                        return await job_store.create_submissions(session, submissions, billing)
+
+                created = await watch.time(commits if rep else Timings(), commit())
+                if not all(isinstance(jobs, list) for jobs in created):
+                    raise BenchError("a submission was refused")
                 result = await watch.time(passes if rep else Timings(), placer.run_pass())
                 if len(result.placements) != size:
                     raise BenchError(f"a pass placed {len(result.placements)} of {size} jobs")
@@ -171,6 +182,7 @@ async def _measure(
                 if succeeded != size:
                     raise BenchError(f"an events batch ended {succeeded} of {size} jobs")
             results[str(size)] = {
+                "group_commit": commits.summary(size),
                 "pass": passes.summary(size),
                 "events_batch": {"events": 3 * size, **batches.summary(size)},
             }
@@ -181,12 +193,16 @@ async def _measure(
 
 def print_table(result: dict[str, Any], console: Console) -> None:
     table = Table(title=f"one step, mean of {result['reps']} (CPU in ms)")
-    for column in ("step", "jobs", "scheduler CPU", "Postgres CPU", "wall p50", "CPU per job"):
+    for column in ("step", "jobs", "own CPU", "Postgres CPU", "wall p50", "CPU per job"):
         table.add_column(column, justify="right" if column != "step" else "left")
     for size, steps in result["sizes"].items():
-        for name, step in (("pass", steps["pass"]), ("events batch", steps["events_batch"])):
+        for name, step in (
+            ("group commit", steps["group_commit"]),
+            ("pass", steps["pass"]),
+            (f"events batch ({steps['events_batch']['events']} events)", steps["events_batch"]),
+        ):
             table.add_row(
-                name if name == "pass" else f"{name} ({step['events']} events)",
+                name,
                 size,
                 f"{step['cpu_ms']:.2f}",
                 f"{step['postgres_cpu_ms']:.2f}",
@@ -210,7 +226,7 @@ def run_passes_bench(providers: int, sizes: list[int], reps: int, console: Conso
                 gpus = asyncio.run(insert_fleet(postgres.url, fleet))
             if gpus < max(sizes):
                 raise BenchError(f"{gpus} GPUs cannot take a pass of {max(sizes)} jobs")
-            with console.status("timing passes and events batches"):
+            with console.status("timing group commits, passes and events batches"):
                 sizes_result = asyncio.run(_measure(postgres.url, postgres.proc.pid, sizes, reps))
         finally:
             postgres.stop()

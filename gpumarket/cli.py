@@ -191,9 +191,10 @@ def bench_passes(
     sizes: list[int] = typer.Option(
         list(DEFAULT_SIZES), "--size", min=1, max=1_000, help="Jobs per pass (repeatable)."
     ),
-    reps: int = typer.Option(30, min=1, max=10_000, help="Passes and batches timed per size."),
+    reps: int = typer.Option(30, min=1, max=10_000, help="Times each step runs per size."),
 ) -> None:
-    """The scheduler's cost of one placement pass and one events batch, by size."""
+    """The cost of one group commit of submissions, one placement pass and one events
+    batch, by size."""
     signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         run_passes_bench(providers, sizes, reps, console)

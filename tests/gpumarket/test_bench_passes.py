@@ -29,7 +29,7 @@ def test_a_small_run_places_and_ends_every_job() -> None:
     assert set(figures["sizes"]) == {"1", "5"}
     for size, steps in figures["sizes"].items():
         assert steps["events_batch"]["events"] == 3 * int(size)
-        for step in (steps["pass"], steps["events_batch"]):
+        for step in (steps["group_commit"], steps["pass"], steps["events_batch"]):
             assert step["reps"] == 3
             assert step["cpu_ms"] > 0 and step["wall_p50_ms"] > 0
             assert step["postgres_cpu_ms"] >= 0

@@ -8,6 +8,7 @@ from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from common.db import check_database, make_engine, make_sessionmaker
 from common.discovery import Registration, consul_address, consul_name, register_service
+from common.heap import settle_after_startup
 from common.http import NO_TELEMETRY, install_common
 from common.logging import configure_logging
 from common.settings import ServiceSettings
@@ -42,6 +43,7 @@ def create_service_app(
         app.state.sessionmaker = make_sessionmaker(app.state.engine)
         if on_startup is not None:
             await on_startup(app)
+        settle_after_startup()
         registration = await register_in_consul(name, settings)
         try:
             yield

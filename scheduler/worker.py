@@ -28,6 +28,7 @@ from common import subjects
 from common.aio import wait_event
 from common.db import check_database, make_engine, make_sessionmaker
 from common.embedded_server import EmbeddedServer
+from common.heap import settle_after_startup
 from common.http import NO_TELEMETRY, install_common
 from common.logging import configure_logging
 from common.messages import JobEvent, ProviderLost, TaskCancel
@@ -427,6 +428,7 @@ async def run(settings: SchedulerSettings) -> None:
             log_config=None,
         )
     )
+    settle_after_startup()
     log.info("scheduler started", extra={"allow_simulated": settings.simulated_allowed})
     registration = await register_in_consul(
         "scheduler", settings.advertise_port or settings.http_port

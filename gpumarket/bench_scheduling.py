@@ -59,7 +59,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import astuple, dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -496,11 +496,47 @@ async def submit_via_jetstream(
         await engine.dispose()
 
 
+class Pacer:
+    """Requests at a steady rate, as many requesters make them (an open loop): the n-th
+    goes out at start + n / rate, whenever the ones before it are answered. Without a
+    rate, each connection sends its next request as soon as it has its answer (a closed
+    loop: the rate is whatever the platform keeps up with)."""
+
+    def __init__(
+        self,
+        rate: float | None,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        self.rate = rate
+        self.clock = clock
+        self.sleep = sleep
+        self.start: float | None = None
+        self.sent = 0
+
+    async def turn(self) -> None:
+        """Waits for the next request's time."""
+        if self.rate is None:
+            return
+        if self.start is None:
+            self.start = self.clock()
+        due = self.start + self.sent / self.rate
+        self.sent += 1
+        if (delay := due - self.clock()) > 0:
+            await self.sleep(delay)
+
+
 async def submit_via_gateway(
-    gateway_url: str, token: str, count: int, batch: int, concurrency: int, submitted: Submitted
+    gateway_url: str,
+    token: str,
+    count: int,
+    batch: int,
+    concurrency: int,
+    submitted: Submitted,
+    rate: float | None = None,
 ) -> None:
     """POST /v1/jobs (or /v1/jobs/batch with batch > 1) from `concurrency` keep-alive
-    connections.
+    connections, at `rate` requests a second if given (Pacer).
 
     A minimal HTTP/1.1 client, as wrk is: the request bytes are built once per size and
     an answer is read by its Content-Length. httpx spent about 2 ms of CPU per request
@@ -522,10 +558,13 @@ async def submit_via_gateway(
             requests[size] = head.encode() + body
         return requests[size]
 
+    pacer = Pacer(rate)
+
     async def submitter() -> None:
         reader, writer = await asyncio.open_connection(url.host, url.port)
         try:
             for size in sizes:
+                await pacer.turn()
                 writer.write(request(size))
                 status, answer = await _read_response(reader)
                 if status != 202:
@@ -655,6 +694,7 @@ class Run:
     batch: int
     concurrency: int
     timeout: float
+    rate: float | None = None
     token: str | None = None
     groups: dict[str, list[int]] = field(default_factory=dict)
     each: dict[str, int] = field(default_factory=dict)
@@ -722,7 +762,13 @@ async def place_jobs(run: Run) -> dict[str, Any]:
         else:
             assert run.token is not None
             submitting = submit_via_gateway(
-                run.platform.gateway_url, run.token, run.jobs, run.batch, run.concurrency, submitted
+                run.platform.gateway_url,
+                run.token,
+                run.jobs,
+                run.batch,
+                run.concurrency,
+                submitted,
+                run.rate,
             )
         submit_task = asyncio.create_task(submitting)
         deadline = time.monotonic() + run.timeout
@@ -896,10 +942,13 @@ def run_scheduling_bench(
     decision_machines: list[int],
     console: Console,
     log_dir: Path | None = None,
+    rate: float | None = None,
 ) -> dict[str, Any]:
     """Runs the benchmark; prints a table, then the figures as JSON on the last line."""
     if batch > 1 and via is not Via.gateway:
         raise BenchError("--batch is for --via gateway (POST /v1/jobs/batch)")
+    if rate is not None and via is not Via.gateway:
+        raise BenchError("--rate is for --via gateway (requests a second)")
     raise_nofile(concurrency + 1024)  # our HTTP connections, with room
     fleet = make_fleet(providers, random.Random(providers))
     wall_start = time.monotonic()
@@ -940,6 +989,7 @@ def run_scheduling_bench(
                 batch=batch,
                 concurrency=concurrency,
                 timeout=timeout or default_timeout(jobs),
+                rate=rate,
                 token=token,
                 groups={
                     "gateway": [names["gateway"]],
@@ -993,6 +1043,7 @@ def run_scheduling_bench(
         "decision_ms": decisions,
         **figures,
         "concurrency": concurrency if via is Via.gateway else None,
+        "rate": rate,
         "daemon_processes": daemon_processes,
         "tasks_answered": tasks_answered,
         "daemon_errors": daemon_errors,

@@ -172,13 +172,19 @@ def bench_scheduling(
     log_dir: Path | None = typer.Option(
         None, help="Copy every process' log here at the end (the run's temp dir is removed)."
     ),
+    rate: float | None = typer.Option(
+        None,
+        min=1,
+        help="Requests a second, sent at a steady pace whatever the answers' speed "
+        "(--via gateway) [default: each connection sends when answered].",
+    ),
 ) -> None:
     """M jobs onto N simulated providers; prints jobs/s, submit->assigned latency, CPU."""
     signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         run_scheduling_bench(
             providers, jobs, schedulers, via, batch, concurrency, daemon_processes, timeout,
-            decision_machines, console, log_dir,
+            decision_machines, console, log_dir, rate,
         )  # fmt: skip
     except (BenchError, RuntimeError) as exc:
         console.print(f"[red]bench scheduling failed:[/] {exc}", soft_wrap=True)

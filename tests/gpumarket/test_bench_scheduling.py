@@ -2,7 +2,7 @@
 
 import pytest
 
-from gpumarket.bench_scheduling import RESULT_KEYS, percentile
+from gpumarket.bench_scheduling import RESULT_KEYS, Pacer, percentile
 from tests.gpumarket.bench_runs import bench_figures
 
 JOBS = 200
@@ -14,6 +14,30 @@ def test_percentile_is_the_nearest_rank() -> None:
     assert percentile(values, 0.99) == 99.0
     assert percentile(values, 1.0) == 100.0
     assert percentile([7.0], 0.99) == 7.0
+
+
+async def test_the_pacer_sends_at_its_rate_whatever_the_answers_speed() -> None:
+    now = [100.0]
+    waits: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        waits.append(round(seconds, 6))
+        now[0] += seconds
+
+    pacer = Pacer(rate=4, clock=lambda: now[0], sleep=sleep)
+    await pacer.turn()  # the first at once
+    await pacer.turn()  # 0.25 s after it
+    now[0] += 1.0  # a slow answer: it is 101.25, and the next three are late
+    await pacer.turn()  # due at 100.5: goes at once
+    await pacer.turn()  # due at 100.75
+    await pacer.turn()  # due at 101.0
+    await pacer.turn()  # due at 101.25
+    await pacer.turn()  # due at 101.5
+    assert waits == [0.25, 0.25]
+    closed = Pacer(rate=None, clock=lambda: now[0], sleep=sleep)
+    await closed.turn()
+    await closed.turn()
+    assert waits == [0.25, 0.25]
 
 
 def run_bench(*args: str) -> dict:
@@ -61,9 +85,9 @@ def test_via_jetstream() -> None:
 
 @pytest.mark.timeout(120)
 def test_via_gateway() -> None:
-    figures = run_bench("--via", "gateway")
+    figures = run_bench("--via", "gateway", "--rate", "400")
     check_figures(figures)
-    assert figures["via"] == "gateway" and figures["batch"] == 1
+    assert figures["via"] == "gateway" and figures["batch"] == 1 and figures["rate"] == 400
     assert figures["submit_requests"] == JOBS
     assert figures["cpu_s"]["gateway"] > 0 and figures["cpu_s"]["auth"] > 0
 

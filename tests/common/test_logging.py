@@ -41,3 +41,22 @@ def test_request_id_when_serving_a_request() -> None:
     finally:
         request_id.reset(token)
     assert entry["request_id"] == "req-7"
+
+
+def test_a_service_line_on_stderr_after_configure(capfd) -> None:  # type: ignore[no-untyped-def]
+    from decimal import Decimal
+
+    from common.logging import configure_logging
+
+    configure_logging("scheduler")
+    # Without the caller's place, thread or process: nothing in a line needs them.
+    assert logging._srcfile is None  # type: ignore[attr-defined]
+    assert not (logging.logThreads or logging.logProcesses or logging.logMultiprocessing)
+    logging.getLogger("scheduler").info(
+        "job assigned", extra={"job_id": "j-2", "price": Decimal("1.5")}
+    )
+    [line] = capfd.readouterr().err.splitlines()
+    entry = json.loads(line)
+    assert entry["msg"] == "job assigned" and entry["job_id"] == "j-2"
+    assert entry["price"] == "1.5"  # not JSON itself: its str()
+    assert entry["service"] == "scheduler" and entry["logger"] == "scheduler"

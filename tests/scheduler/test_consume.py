@@ -55,36 +55,35 @@ class Stream:
             await asyncio.wait_for(self.handled.wait(), 10)
 
 
-async def test_events_after_a_small_batch_come_in_one_batch(js: JetStreamContext) -> None:
+async def first_then_later(
+    js: JetStreamContext, linger: Linger | None, later: int, spaced_s: float
+) -> list[list[bytes]]:
+    """The batches handled: one event, then `later` more arriving one by one, `spaced_s`
+    apart, from the moment the first was handled."""
     stream = await Stream(js).create()
     stop = asyncio.Event()
-    consuming = stream.consume(stop, Linger(below=8, seconds=1.0))
+    consuming = stream.consume(stop, linger)
     try:
         await stream.publish(b"first")
         await stream.handled_count(1)
-        # Arriving one by one while the replica waits after its batch of one.
-        await stream.publish(*(f"later-{i}".encode() for i in range(5)), spaced_s=0.02)
-        await stream.handled_count(6)
+        await stream.publish(*(f"later-{i}".encode() for i in range(later)), spaced_s=spaced_s)
+        await stream.handled_count(1 + later)
     finally:
         stop.set()
         await asyncio.wait_for(consuming, 10)
-    assert stream.batches == [[b"first"], [f"later-{i}".encode() for i in range(5)]]
+    return stream.batches
+
+
+async def test_events_after_a_small_batch_come_in_one_batch(js: JetStreamContext) -> None:
+    # They arrive while the replica waits after its batch of one.
+    batches = await first_then_later(js, Linger(below=8, seconds=1.0), 5, spaced_s=0.02)
+    assert batches == [[b"first"], [f"later-{i}".encode() for i in range(5)]]
 
 
 async def test_without_linger_each_event_is_its_own_batch(js: JetStreamContext) -> None:
     """What the linger is for: the same arrivals, fetched as soon as the replica is free."""
-    stream = await Stream(js).create()
-    stop = asyncio.Event()
-    consuming = stream.consume(stop, None)
-    try:
-        await stream.publish(b"first")
-        await stream.handled_count(1)
-        await stream.publish(*(f"later-{i}".encode() for i in range(3)), spaced_s=0.5)
-        await stream.handled_count(4)
-    finally:
-        stop.set()
-        await asyncio.wait_for(consuming, 10)
-    assert len(stream.batches) == 4
+    batches = await first_then_later(js, None, 3, spaced_s=0.5)
+    assert len(batches) == 4
 
 
 async def test_a_full_batch_is_followed_by_no_wait(js: JetStreamContext) -> None:

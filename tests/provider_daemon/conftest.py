@@ -331,9 +331,14 @@ async def start_daemon(
         events: list[JobEvent] = []
         log_batches: list[LogBatch] = []
         heartbeats: list[Heartbeat] = []
+        # Events and logs share one subscription: nats-py runs each subscription's
+        # callbacks in its own task, so with two a `finished` could be seen before the
+        # log batches the daemon published ahead of it.
+        job_messages = _router(
+            events=_collector(events, JobEvent), logs=_collector(log_batches, LogBatch)
+        )
         subscriptions = [
-            await client.subscribe(f"events.{pid}.>", cb=_collector(events, JobEvent)),
-            await client.subscribe(f"logs.{pid}.>", cb=_collector(log_batches, LogBatch)),
+            await client.subscribe(f"*.{pid}.>", cb=job_messages),
             await client.subscribe(f"heartbeats.{pid}", cb=_collector(heartbeats, Heartbeat)),
         ]
         running = RunningDaemon(
@@ -380,3 +385,14 @@ def _collector(into: list[Any], model: Any) -> Callable[[Msg], Awaitable[None]]:
         into.append(model.model_validate_json(msg.data))
 
     return collect
+
+
+def _router(**by_kind: Callable[[Msg], Awaitable[None]]) -> Callable[[Msg], Awaitable[None]]:
+    """One callback for several subjects, chosen by the subject's first token."""
+
+    async def route(msg: Msg) -> None:
+        handle = by_kind.get(msg.subject.partition(".")[0])
+        if handle is not None:
+            await handle(msg)
+
+    return route

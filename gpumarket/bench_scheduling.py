@@ -59,12 +59,12 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import astuple, dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import httpx
 from pydantic import Field, TypeAdapter, ValidationError
@@ -72,6 +72,7 @@ from rich.console import Console
 from rich.table import Table
 
 from common.aio import wait_event
+from common.subjects import EVENTS_STREAM, JOBS_STREAM, TASKS_STREAM
 from gpumarket.bench_heartbeats import (
     CLK_TCK,
     Counters,
@@ -370,12 +371,28 @@ def wait_daemons_ready(workers: Workers, timeout: float = 60) -> None:
 # --- the raw JetStream rate ------------------------------------------------------------
 
 
-async def jetstream_raw_rate(nats_url: str, count: int) -> float:
+@dataclass
+class RawRate:
+    """The transport alone: messages/s, and the CPU each message cost the NATS server and
+    the one process that published, fetched and acked it (microseconds)."""
+
+    per_s: float
+    server_us: float
+    client_us: float
+
+    def jobs_bound(self, messages_per_job: float, cores: int) -> float:
+        """The most jobs/s `cores` could carry doing nothing but move each job's messages
+        at this cost: a ceiling no scheduler or database work can raise."""
+        return cores * 1e6 / (messages_per_job * (self.server_us + self.client_us))
+
+
+async def jetstream_raw_rate(nats_url: str, count: int, server_pid: int) -> RawRate:
     """Messages/s through a scratch stream with JOBS' settings, published with up to
     PUBLISHES_IN_FLIGHT async publishes in flight (each with a Nats-Msg-Id, as the
     gateway sends them) and consumed by a pull consumer fetching and acking as the
     scheduler does, from the first publish to the last ack. The payloads are made first:
-    this is the transport alone."""
+    this is the transport alone. Every message is published, fetched and acked in this
+    process, as each of a job's messages is by the platform's processes."""
     import nats
     from nats.errors import TimeoutError as NatsTimeoutError
 
@@ -411,6 +428,7 @@ async def jetstream_raw_rate(nats_url: str, count: int) -> float:
                 received += len(msgs)
 
         started = time.perf_counter()
+        server_ticks, client_s = tree_ticks([server_pid], proc_stats()), time.process_time()
         consuming = asyncio.create_task(consume())
         acks = [
             await js.publish_async(RAW_SUBJECT, payload, headers=headers)
@@ -425,12 +443,44 @@ async def jetstream_raw_rate(nats_url: str, count: int) -> float:
             )
         await consuming
         elapsed = time.perf_counter() - started
+        client_s = time.process_time() - client_s
+        server_s = (tree_ticks([server_pid], proc_stats()) - server_ticks) / CLK_TCK
         await sub.unsubscribe()
         await js.delete_stream(RAW_STREAM)
     finally:
         await publisher.close()
         await consumer.close()
-    return count / elapsed
+    return RawRate(count / elapsed, server_s * 1e6 / count, client_s * 1e6 / count)
+
+
+T = TypeVar("T")
+
+
+def run_on_uvloop(coro: Coroutine[Any, Any, T]) -> T:
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    return uvloop.run(coro)
+
+
+# The streams a job's messages go through: its wake-up, its task, its daemon's events.
+JOB_STREAMS = {"jobs": JOBS_STREAM, "tasks": TASKS_STREAM, "events": EVENTS_STREAM}
+
+
+async def stream_sequences(nats_url: str) -> dict[str, int]:
+    """The last sequence number of each of JOB_STREAMS: messages stored since it began."""
+    import nats
+
+    nc = await nats.connect(nats_url, name="bench stream counter")
+    try:
+        js = nc.jetstream()
+        return {
+            name: (await js.stream_info(stream)).state.last_seq
+            for name, stream in JOB_STREAMS.items()
+        }
+    finally:
+        await nc.close()
 
 
 # --- submitting ------------------------------------------------------------------------
@@ -753,6 +803,7 @@ async def place_jobs(run: Run) -> dict[str, Any]:
     backlog = Backlog()
     watching = asyncio.create_task(backlog.watch(servers.nats.url))
     try:
+        sequences = await stream_sequences(servers.nats.url)
         before = cpu_snapshot(run.groups, run.each)
         first_submit = time.time()
         if run.via is Via.jetstream:
@@ -804,6 +855,10 @@ async def place_jobs(run: Run) -> dict[str, Any]:
         # Jobs placed more than once (a task taken back, e.g. not accepted in time): their
         # assigned_at is their last assignment's.
         retried = await _count(engine, "attempt > 0")
+        sequences = {
+            name: last - sequences[name]
+            for name, last in (await stream_sequences(servers.nats.url)).items()
+        }
     finally:
         backlog.stopped.set()
         await asyncio.gather(watching, return_exceptions=True)
@@ -834,6 +889,8 @@ async def place_jobs(run: Run) -> dict[str, Any]:
         "cpu_s": cpu,
         "scheduler_cpu_s": cpu_each,
         "other_top_cpu_s": others,
+        # Every job's messages through JetStream, once it finished (heartbeats aside).
+        "messages_per_job": {name: round(n / run.jobs, 3) for name, n in sequences.items()},
     }
 
 
@@ -973,7 +1030,11 @@ def run_scheduling_bench(
                 stops.append(workers.shutdown)
                 wait_daemons_ready(workers)
                 status.update(f"raw JetStream: {jobs} messages")
-                raw_per_s = asyncio.run(jetstream_raw_rate(servers.nats.url, jobs))
+                # On uvloop, as the scheduler and the daemons run: the best this
+                # transport does here (plain asyncio costs a fifth more per message).
+                raw = run_on_uvloop(
+                    jetstream_raw_rate(servers.nats.url, jobs, servers.nats.proc.pid)
+                )
                 token = (
                     register_requester(platform.gateway_url, servers.postgres.url)
                     if via is Via.gateway
@@ -1028,6 +1089,8 @@ def run_scheduling_bench(
                         stops.pop()()
     with console.status(f"timing placement decisions over {decision_machines} machines"):
         decisions = decision_ms(decision_machines)
+    jobs_per_s = figures.pop("jobs_per_s")
+    messages_per_job = sum(figures["messages_per_job"].values())
     result: dict[str, Any] = {
         "providers": providers,
         "gpus": gpus,
@@ -1035,11 +1098,19 @@ def run_scheduling_bench(
         "schedulers": schedulers,
         "via": via.value,
         "batch": batch,
-        "jobs_per_s": figures.pop("jobs_per_s"),
+        "jobs_per_s": jobs_per_s,
         "p50_ms": figures.pop("p50_ms"),
         "p99_ms": figures.pop("p99_ms"),
-        "jetstream_raw_per_s": round(raw_per_s, 1),
-        "ratio": 0.0,
+        "jetstream_raw_per_s": round(raw.per_s, 1),
+        "ratio": round(jobs_per_s / raw.per_s, 4),
+        "jetstream_raw_cpu_us": {
+            "server": round(raw.server_us, 1),
+            "client": round(raw.client_us, 1),
+        },
+        # What the messages alone allow on this machine's cores: jobs_per_s can't pass it.
+        "transport_bound_jobs_per_s": round(
+            raw.jobs_bound(messages_per_job, len(os.sched_getaffinity(0))), 1
+        ),
         "decision_ms": decisions,
         **figures,
         "concurrency": concurrency if via is Via.gateway else None,
@@ -1050,7 +1121,6 @@ def run_scheduling_bench(
         "log_errors": errors,
         "wall_s": round(time.monotonic() - wall_start, 1),
     }
-    result["ratio"] = round(result["jobs_per_s"] / raw_per_s, 4)
     print_table(result, console)
     print(json.dumps(result), flush=True)
     return result

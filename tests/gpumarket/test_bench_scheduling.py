@@ -1,5 +1,7 @@
 """`gpumarket bench scheduling`: small runs end to end, through each front door."""
 
+import os
+
 import pytest
 
 from gpumarket.bench_scheduling import RESULT_KEYS, Pacer, percentile
@@ -71,6 +73,15 @@ def check_figures(figures: dict) -> None:
     assert set(figures["scheduler_cpu_s"]) == {"scheduler", "scheduler-2"}
     assert figures["cpu_s"]["schedulers"] > 0 and figures["cpu_s"]["postgres"] > 0
     assert figures["cpu_s"]["nats"] > 0 and figures["cpu_s"]["daemons"] > 0
+    # Each job: its task and its daemon's three events; wake-ups are shared by a batch.
+    per_job = figures["messages_per_job"]
+    assert per_job["tasks"] >= 1 and per_job["events"] >= 3 and 0 < per_job["jobs"] <= 1
+    raw_cpu = figures["jetstream_raw_cpu_us"]
+    assert raw_cpu["server"] > 0 and raw_cpu["client"] > 0
+    # The transport's ceiling, from the same figures: the run can't have gone past it.
+    bound = len(os.sched_getaffinity(0)) * 1e6 / (sum(per_job.values()) * sum(raw_cpu.values()))
+    assert figures["transport_bound_jobs_per_s"] == pytest.approx(bound, rel=0.01)
+    assert figures["jobs_per_s"] < figures["transport_bound_jobs_per_s"]
     decision = figures["decision_ms"]["1000"]
     assert 0 < decision["p50_ms"] <= decision["p99_ms"] <= decision["max_ms"]
 

@@ -457,6 +457,7 @@ T = TypeVar("T")
 
 
 def run_on_uvloop(coro: Coroutine[Any, Any, T]) -> T:
+    """Runs `coro` on uvloop, as the services run, where it is installed."""
     try:
         import uvloop
     except ImportError:

@@ -33,12 +33,14 @@ Figures: jobs/s from the first submit to the last assignment; submit -> assigned
 per job from the jobs' own `created_at` and `assigned_at` (one machine, one clock; a job
 placed twice, e.g. taken back when its `accepted` came late, counts its last assignment,
 and `retried` says how many were); the raw JetStream publish -> consume rate on the same
-NATS server, to compare with; the time of one in-memory placement decision over 1,000 to
-100,000 machines (`scheduler.fleet_index.decision_timings`); CPU seconds per process kind
-over the placement window, from /proc (`other` is whatever else ran on the machine); and,
-to tell where time went, the schedulers' largest JOBS and EVENTS consumer backlogs and
-how long the daemons took from a task's publish to their `accepted`. The last line
-printed is JSON.
+NATS server, to compare with, with its CPU per message, the messages each job sent
+through JetStream, and from those the jobs/s that moving the messages alone would allow
+on this machine's cores (`transport_bound_jobs_per_s`); the time of one in-memory
+placement decision over 1,000 to 100,000 machines (`scheduler.fleet_index.decision_timings`);
+CPU seconds per process kind over the placement window, from /proc (`other` is whatever
+else ran on the machine); and, to tell where time went, the schedulers' largest JOBS and
+EVENTS consumer backlogs and how long the daemons took from a task's publish to their
+`accepted`. The last line printed is JSON.
 """
 
 from __future__ import annotations
@@ -105,6 +107,9 @@ DAEMONS_DURABLE = "bench-daemons"
 # The scratch stream of the raw JetStream measurement: JOBS' settings, its own subjects.
 RAW_STREAM = "BENCH_RAW"
 RAW_SUBJECT = "benchraw.submitted"
+# At least this many raw messages, whatever --jobs: the NATS server's CPU is read in clock
+# ticks (10 ms), a few hundred messages' worth.
+RAW_MIN_MESSAGES = 10_000
 # What the gateway hands real daemons at join (GatewaySettings.heartbeat_interval_s).
 HEARTBEAT_INTERVAL_S = 5.0
 # Async publishes in flight at once (wake-ups of --via jetstream, the raw measurement).
@@ -1030,11 +1035,12 @@ def run_scheduling_bench(
                 workers = start_daemons(servers.nats.url, fleet, daemon_processes, tmp)
                 stops.append(workers.shutdown)
                 wait_daemons_ready(workers)
-                status.update(f"raw JetStream: {jobs} messages")
+                raw_messages = max(jobs, RAW_MIN_MESSAGES)
+                status.update(f"raw JetStream: {raw_messages} messages")
                 # On uvloop, as the scheduler and the daemons run: the best this
                 # transport does here (plain asyncio costs a fifth more per message).
                 raw = run_on_uvloop(
-                    jetstream_raw_rate(servers.nats.url, jobs, servers.nats.proc.pid)
+                    jetstream_raw_rate(servers.nats.url, raw_messages, servers.nats.proc.pid)
                 )
                 token = (
                     register_requester(platform.gateway_url, servers.postgres.url)

@@ -61,19 +61,19 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from dataclasses import astuple, dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 import httpx
 from pydantic import Field, TypeAdapter, ValidationError
 from rich.console import Console
 from rich.table import Table
 
-from common.aio import wait_event
+from common.aio import run_on_uvloop, wait_event
 from common.subjects import EVENTS_STREAM, JOBS_STREAM, TASKS_STREAM
 from gpumarket.bench_heartbeats import (
     CLK_TCK,
@@ -456,18 +456,6 @@ async def jetstream_raw_rate(nats_url: str, count: int, server_pid: int) -> RawR
         await publisher.close()
         await consumer.close()
     return RawRate(count / elapsed, server_s * 1e6 / count, client_s * 1e6 / count)
-
-
-T = TypeVar("T")
-
-
-def run_on_uvloop(coro: Coroutine[Any, Any, T]) -> T:
-    """Runs `coro` on uvloop, as the services run, where it is installed."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(coro)
-    return uvloop.run(coro)
 
 
 # The streams a job's messages go through: its wake-up, its task, its daemon's events.

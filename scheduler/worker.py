@@ -25,7 +25,7 @@ from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from billing.metrics import count_charges
 from common import subjects
-from common.aio import wait_event
+from common.aio import run_on_uvloop, wait_event
 from common.db import check_database, make_engine, make_sessionmaker
 from common.embedded_server import EmbeddedServer
 from common.heap import settle_after_startup
@@ -489,14 +489,7 @@ async def _on_reconnected() -> None:
 
 
 def main() -> None:
-    # uvloop (uvicorn[standard] brings it, and the HTTP services already run on it): the
-    # scheduler's Postgres and NATS traffic costs less CPU on its C event loop.
-    try:
-        import uvloop
-    except ImportError:
-        asyncio.run(run(SchedulerSettings()))
-    else:
-        uvloop.run(run(SchedulerSettings()))
+    run_on_uvloop(run(SchedulerSettings()))
 
 
 if __name__ == "__main__":

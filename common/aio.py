@@ -1,22 +1,11 @@
 """Small asyncio helpers shared by the workers."""
 
 import asyncio
-from collections.abc import Awaitable, Callable, Coroutine, Hashable
+from collections.abc import Awaitable, Callable, Hashable
 from functools import partial
-from typing import Any, Generic, TypeVar
+from typing import Generic, TypeVar
 
 T = TypeVar("T")
-
-
-def run_on_uvloop(main: Coroutine[Any, Any, T]) -> T:
-    """Runs `main` on uvloop (uvicorn[standard] brings it, and the HTTP services already
-    run on it): Postgres and NATS traffic costs less CPU on its C event loop. Plain
-    asyncio where uvloop is missing."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(main)
-    return uvloop.run(main)
 
 
 async def wait_event(event: asyncio.Event, seconds: float) -> bool:

@@ -73,7 +73,8 @@ from pydantic import Field, TypeAdapter, ValidationError
 from rich.console import Console
 from rich.table import Table
 
-from common.aio import run_on_uvloop, wait_event
+from common.aio import wait_event
+from common.event_loop import run_on_uvloop
 from common.subjects import EVENTS_STREAM, JOBS_STREAM, TASKS_STREAM
 from gpumarket.bench_heartbeats import (
     CLK_TCK,

@@ -25,9 +25,10 @@ from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from billing.metrics import count_charges
 from common import subjects
-from common.aio import run_on_uvloop, wait_event
+from common.aio import wait_event
 from common.db import check_database, make_engine, make_sessionmaker
 from common.embedded_server import EmbeddedServer
+from common.event_loop import run_on_uvloop
 from common.heap import settle_after_startup
 from common.http import NO_TELEMETRY, install_common
 from common.logging import configure_logging

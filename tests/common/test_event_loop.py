@@ -1,10 +1,10 @@
-"""common.aio: the helpers the workers share."""
+"""common.event_loop: the loop the workers run on."""
 
 import asyncio
 
 import uvloop
 
-from common.aio import run_on_uvloop
+from common.event_loop import run_on_uvloop
 
 
 def test_run_on_uvloop_runs_the_coroutine_on_uvloop_and_returns_its_value() -> None:

@@ -38,6 +38,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from common.event_loop import run_on_uvloop
 from gpumarket.localstack.nats import NatsServer, start_nats
 from gpumarket.localstack.postgres import PostgresServer, start_postgres
 from gpumarket.localstack.process import free_port, log_tail, spawn, stop_process, wait_until
@@ -176,10 +177,10 @@ def worker_main(argv: list[str] | None = None) -> None:
     if raise_nofile(need) < need:
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         sys.exit(f"worker {args.slot}: fd limit {soft} (hard {hard}) < {need}: more --processes")
-    install_uvloop()
     with Counters.open(args.counters) as counters:
         base = args.slot * N_COUNTERS
-        asyncio.run(_run_worker(args.nats_url, providers, args.interval, counters.slots, base))
+        # A load generator's own CPU is CPU the platform under test does not get.
+        run_on_uvloop(_run_worker(args.nats_url, providers, args.interval, counters.slots, base))
 
 
 async def _run_worker(
@@ -600,14 +601,6 @@ def check_fd_limits(providers: int, processes: int) -> None:
         )
     if have < need_worker:
         raise RuntimeError(f"fd limit {have} < {need_worker} per worker: use more --processes")
-
-
-def install_uvloop() -> None:
-    """A load generator's own CPU is CPU the platform under test does not get."""
-    with contextlib.suppress(ImportError):
-        import uvloop
-
-        uvloop.install()
 
 
 def default_processes(providers: int) -> int:

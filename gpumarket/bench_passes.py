@@ -21,7 +21,6 @@ wall time. The last line printed is JSON.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import random
 import statistics
@@ -38,10 +37,10 @@ from typing import Any, TypeVar
 from rich.console import Console
 from rich.table import Table
 
+from common.event_loop import run_on_uvloop
 from gpumarket.bench_heartbeats import (
     CLK_TCK,
     insert_fleet,
-    install_uvloop,
     make_fleet,
     proc_stats,
     tree_ticks,
@@ -215,7 +214,6 @@ def print_table(result: dict[str, Any], console: Console) -> None:
 def run_passes_bench(providers: int, sizes: list[int], reps: int, console: Console) -> dict:
     from migrations.runner import upgrade
 
-    install_uvloop()
     with tempfile.TemporaryDirectory(prefix="gpumarket-bench-passes-") as tmp:
         with console.status("starting PostgreSQL"):
             postgres = start_postgres(Path(tmp) / "postgres")
@@ -223,11 +221,11 @@ def run_passes_bench(providers: int, sizes: list[int], reps: int, console: Conso
             with console.status(f"migrating, inserting {providers} providers"):
                 upgrade(postgres.url)
                 fleet = make_fleet(providers, random.Random(providers))
-                gpus = asyncio.run(insert_fleet(postgres.url, fleet))
+                gpus = run_on_uvloop(insert_fleet(postgres.url, fleet))
             if gpus < max(sizes):
                 raise BenchError(f"{gpus} GPUs cannot take a pass of {max(sizes)} jobs")
             with console.status("timing group commits, passes and events batches"):
-                sizes_result = asyncio.run(_measure(postgres.url, postgres.proc.pid, sizes, reps))
+                sizes_result = run_on_uvloop(_measure(postgres.url, postgres.proc.pid, sizes, reps))
         finally:
             postgres.stop()
     result = {"providers": providers, "gpus": gpus, "reps": reps, "sizes": sizes_result}

@@ -82,7 +82,6 @@ from gpumarket.bench_heartbeats import (
     SimProvider,
     Workers,
     insert_fleet,
-    install_uvloop,
     machine_ticks,
     make_fleet,
     proc_stats,
@@ -155,10 +154,9 @@ def worker_main(argv: list[str] | None = None) -> None:
     parser.add_argument("--stats", type=Path, required=True)
     args = parser.parse_args(argv)
     providers = [SimProvider(*row) for row in json.loads(args.fleet.read_text())]
-    install_uvloop()
     with Counters.open(args.counters) as counters:
         daemons = SimulatedDaemons(counters.slots, args.slot * 4)
-        asyncio.run(daemons.run(args.nats_url, providers, args.interval))
+        run_on_uvloop(daemons.run(args.nats_url, providers, args.interval))
     args.stats.write_text(
         json.dumps({"accept_ms": daemons.accept_ms, "redelivered": daemons.redelivered})
     )
